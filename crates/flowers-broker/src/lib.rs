@@ -1,0 +1,1 @@
+//! RabbitMQ topology, confirmed publishing with backpressure, consuming with dead-lettering.

@@ -1,0 +1,1 @@
+//! JPEG decode, square centre crop and resize to RGB uint8.

@@ -1,0 +1,1 @@
+//! The loader pipeline: epoch plans, parallel preprocessing, publishing and its benchmark.

@@ -1,0 +1,1 @@
+//! InceptionV3 in tch (torchvision and tf2015 variants), weights, trainable policies, optimizers.

@@ -1,0 +1,1 @@
+fn main() { torch_link::emit() }

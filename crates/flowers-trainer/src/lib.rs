@@ -1,0 +1,1 @@
+//! The trainer: consuming batches, training steps, checkpoints, evaluation and its benchmark.

@@ -1,0 +1,1 @@
+//! The Batch wire format: building, checksums, size limits and verification.

@@ -1,0 +1,35 @@
+# Flowers: distributed InceptionV3 fine-tuning on Oxford 102 Flowers.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+root := justfile_directory()
+# tch builds against the project venv's PyTorch (torch 2.11.0).
+export LIBTORCH_USE_PYTORCH := "1"
+export PATH := root / ".venv/bin" + ":" + env_var("PATH")
+export FLOWERS_DIR := env_var_or_default("FLOWERS_DIR", root / "../shared/flowers")
+export RUST_LOG := env_var_or_default("RUST_LOG", "info")
+
+default:
+    @just --list
+
+# Install the venv (torch 2.11.0), system libraries; start RabbitMQ if down.
+setup:
+    @scripts/setup.sh
+
+# Build every service (release).
+build: setup
+    cargo build --release --workspace --bins
+
+# The whole test suite: unit, PyTorch equivalence, broker integration, end to end.
+test: setup
+    cargo build --workspace --bins
+    cargo test --workspace --no-fail-fast
+
+# Formatting and lints, as required before every commit.
+lint: setup
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Time the loader's decode+crop+resize against the reference Python pipeline.
+bench-loader img_size="299" threads="1": build
+    python3 bench/reference_loader.py --data "$FLOWERS_DIR/102flowers-trainval.tgz" --img-size {{img_size}}
+    target/release/loader bench --data "$FLOWERS_DIR/102flowers-trainval.tgz" --labels "$FLOWERS_DIR/imagelabels.mat" --img-size {{img_size}} --threads {{threads}}

@@ -1,0 +1,4 @@
+fn main() {
+    flowers_telemetry::init();
+    tracing::info!("trainer: not built yet");
+}
