@@ -1,0 +1,395 @@
+//! Confirmed, backpressured, reconnecting publishing of a run's batches.
+
+use crate::connection::{connect_with_backoff, Backoff};
+use crate::error::redact_url;
+use crate::names::{train_queue, val_queue, validate_run_id};
+use crate::topology::{declare_run_topology, passive_count};
+use crate::BrokerError;
+use flowers_wire::{describe, encode_batch, Batch, Split, DEFAULT_MAX_MESSAGE_BYTES};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// How a [`Publisher`] paces itself.
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    /// Upper bound on ready (unconsumed) batches across the run's queues.
+    pub max_queued_batches: u32,
+    /// Encoded batches larger than this are refused before publishing.
+    pub max_message_bytes: usize,
+    /// Batches published but not yet confirmed; a few keep the link busy
+    /// while the broker persists the previous ones.
+    pub max_unconfirmed: usize,
+    /// Reconnection schedule when the broker is down.
+    pub backoff: Backoff,
+    /// How often to re-check queue depths while the queues are full.
+    pub poll_interval: Duration,
+    /// A confirm not received within this time counts as a broken connection.
+    pub confirm_timeout: Duration,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            max_queued_batches: 64,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_unconfirmed: 4,
+            backoff: Backoff::default(),
+            poll_interval: Duration::from_millis(100),
+            confirm_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Identifies a batch within a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchKey {
+    pub epoch: u32,
+    /// `true` for validation batches.
+    pub validation: bool,
+    pub batch_index: u32,
+}
+
+impl BatchKey {
+    fn of(batch: &Batch) -> Self {
+        BatchKey {
+            epoch: batch.epoch,
+            validation: batch.split == Split::Validation as i32,
+            batch_index: batch.batch_index,
+        }
+    }
+
+    fn queue(&self, run_id: &str) -> String {
+        if self.validation {
+            val_queue(run_id, self.epoch)
+        } else {
+            train_queue(run_id, self.epoch)
+        }
+    }
+}
+
+/// What [`Publisher::publish`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sent; it counts once [`Publisher::flush`] (or later publishing) has
+    /// seen the broker's confirm.
+    Sent,
+    /// Already confirmed (or already on its way) earlier: not sent again.
+    Duplicate,
+}
+
+/// Totals of confirmed batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishStats {
+    /// Confirmed batches.
+    pub batches: u64,
+    /// Confirmed message payload bytes.
+    pub payload_bytes: u64,
+    /// Times the connection was re-established.
+    pub reconnects: u32,
+    /// Times publishing waited for consumers because the queues were full.
+    pub backpressure_waits: u64,
+}
+
+struct Pending {
+    key: BatchKey,
+    queue: String,
+    what: String,
+    payload: Vec<u8>,
+    /// `None` until sent on the current connection.
+    confirm: Option<PublisherConfirm>,
+}
+
+struct Link {
+    // Held so the connection stays open as long as the channel is in use.
+    conn: Connection,
+    channel: Channel,
+}
+
+/// Publishes one run's batches with publisher confirms and persistent
+/// delivery, keeping at most `max_queued_batches` ready in the run's queues,
+/// and reconnecting with backoff when the broker goes away. Batches not yet
+/// confirmed when a connection breaks are sent again in order on the next
+/// one; confirmed ones never are.
+pub struct Publisher {
+    url: String,
+    run_id: String,
+    epochs: u32,
+    opts: PublisherOptions,
+    link: Option<Link>,
+    pending: VecDeque<Pending>,
+    confirmed: BTreeMap<(u32, bool), BTreeSet<u32>>,
+    /// Upper bound on ready messages in the run's queues: the last polled
+    /// depth plus everything sent since.
+    queued_bound: u64,
+    /// Queues that may hold ready messages (polled when the bound is reached).
+    maybe_nonempty: BTreeSet<String>,
+    stats: PublishStats,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("url", &redact_url(&self.url))
+            .field("run_id", &self.run_id)
+            .field("pending", &self.pending.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Connects (retrying per `opts.backoff`) and declares the run's topology
+    /// for epochs `0..epochs`, so consumers can subscribe before batches flow.
+    pub async fn connect(
+        url: &str,
+        run_id: &str,
+        epochs: u32,
+        opts: PublisherOptions,
+    ) -> Result<Self, BrokerError> {
+        validate_run_id(run_id)?;
+        let mut publisher = Publisher {
+            url: url.to_string(),
+            run_id: run_id.to_string(),
+            epochs,
+            opts,
+            link: None,
+            pending: VecDeque::new(),
+            confirmed: BTreeMap::new(),
+            queued_bound: 0,
+            maybe_nonempty: BTreeSet::new(),
+            stats: PublishStats::default(),
+        };
+        publisher.drive(usize::MAX).await?;
+        Ok(publisher)
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    pub fn stats(&self) -> &PublishStats {
+        &self.stats
+    }
+
+    /// Confirmed batch indices of one epoch's train (`validation == false`)
+    /// or validation split.
+    pub fn confirmed(&self, epoch: u32, validation: bool) -> Option<&BTreeSet<u32>> {
+        self.confirmed.get(&(epoch, validation))
+    }
+
+    pub fn is_confirmed(&self, key: BatchKey) -> bool {
+        self.confirmed(key.epoch, key.validation)
+            .is_some_and(|set| set.contains(&key.batch_index))
+    }
+
+    /// Verifies, encodes (refusing it if over the size limit) and sends
+    /// `batch` to its queue once there is room. Returns after sending; up to
+    /// `max_unconfirmed` batches may await their confirms.
+    pub async fn publish(&mut self, batch: &Batch) -> Result<Published, BrokerError> {
+        if batch.run_id != self.run_id {
+            return Err(BrokerError::WrongRun {
+                batch_run: batch.run_id.clone(),
+                run: self.run_id.clone(),
+            });
+        }
+        let payload = encode_batch(batch, self.opts.max_message_bytes)?;
+        let key = BatchKey::of(batch);
+        if self.is_confirmed(key) || self.pending.iter().any(|p| p.key == key) {
+            debug!(batch = %describe(batch), "already published; skipping");
+            return Ok(Published::Duplicate);
+        }
+        self.pending.push_back(Pending {
+            key,
+            queue: key.queue(&self.run_id),
+            what: describe(batch),
+            payload,
+            confirm: None,
+        });
+        self.drive(self.opts.max_unconfirmed.saturating_sub(1))
+            .await?;
+        Ok(Published::Sent)
+    }
+
+    /// Waits until every sent batch is confirmed.
+    pub async fn flush(&mut self) -> Result<(), BrokerError> {
+        self.drive(0).await
+    }
+
+    /// Flushes and closes the connection.
+    pub async fn close(mut self) -> Result<PublishStats, BrokerError> {
+        self.flush().await?;
+        if let Some(link) = self.link.take() {
+            // The batches are confirmed; a failing close loses nothing.
+            let _ = link.conn.close(200, "OK".into()).await;
+        }
+        Ok(self.stats)
+    }
+
+    /// Sends everything pending and settles confirms until at most `keep`
+    /// batches await theirs, reconnecting on transient failures.
+    async fn drive(&mut self, keep: usize) -> Result<(), BrokerError> {
+        loop {
+            match self.try_drive(keep).await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.is_transient() => {
+                    let resend = self.pending.len();
+                    warn!(error = %err, unconfirmed = resend, "lost the RabbitMQ connection; reconnecting, then re-sending the unconfirmed batches");
+                    self.link = None;
+                    for pending in &mut self.pending {
+                        pending.confirm = None;
+                    }
+                    self.stats.reconnects += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn try_drive(&mut self, keep: usize) -> Result<(), BrokerError> {
+        let channel = self.ensure_link().await?;
+        while let Some(i) = self.pending.iter().position(|p| p.confirm.is_none()) {
+            self.make_room(&channel).await?;
+            let pending = &mut self.pending[i];
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    pending.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &pending.payload,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/x-protobuf".into())
+                        .with_type("flowers.v1.Batch".into()),
+                )
+                .await
+                .map_err(|e| BrokerError::amqp("publish to", &pending.queue, e))?;
+            pending.confirm = Some(confirm);
+            self.queued_bound += 1;
+            self.maybe_nonempty.insert(pending.queue.clone());
+        }
+        while self.pending.len() > keep {
+            self.settle_front().await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_link(&mut self) -> Result<Channel, BrokerError> {
+        if let Some(link) = &self.link {
+            if link.conn.status().connected() && link.channel.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        let name = format!("flowers-loader {}", self.run_id);
+        let conn = connect_with_backoff(&self.url, &name, &self.opts.backoff).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::amqp("open channel on", redact_url(&self.url), e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| {
+                BrokerError::amqp("enable publisher confirms on", redact_url(&self.url), e)
+            })?;
+        declare_run_topology(&channel, &self.run_id, self.epochs).await?;
+        if self.stats.reconnects > 0 {
+            info!(url = %redact_url(&self.url), reconnects = self.stats.reconnects, "reconnected to RabbitMQ");
+        }
+        // Depths are unknown after a reconnect: poll before the next send.
+        self.queued_bound = u64::from(self.opts.max_queued_batches);
+        self.maybe_nonempty
+            .extend(crate::names::run_queues(&self.run_id, self.epochs));
+        self.link = Some(Link {
+            conn,
+            channel: channel.clone(),
+        });
+        Ok(channel)
+    }
+
+    /// Returns once one more batch keeps the run within `max_queued_batches`.
+    async fn make_room(&mut self, channel: &Channel) -> Result<(), BrokerError> {
+        let max = u64::from(self.opts.max_queued_batches.max(1));
+        let mut waiting = false;
+        while self.queued_bound >= max {
+            // Confirmed messages are enqueued, so the poll below counts them.
+            while self.pending.front().is_some_and(|p| p.confirm.is_some()) {
+                self.settle_front().await?;
+            }
+            let mut total = 0u64;
+            let queues: Vec<String> = self.maybe_nonempty.iter().cloned().collect();
+            for queue in queues {
+                let count = passive_count(channel, &queue).await?;
+                if count == 0 {
+                    self.maybe_nonempty.remove(&queue);
+                }
+                total += u64::from(count);
+            }
+            self.queued_bound = total;
+            if total >= max {
+                if !waiting {
+                    info!(queued = total, max, "queues full; waiting for consumers");
+                    self.stats.backpressure_waits += 1;
+                    waiting = true;
+                }
+                tokio::time::sleep(self.opts.poll_interval).await;
+            }
+        }
+        if waiting {
+            info!(
+                queued = self.queued_bound,
+                "queues have room again; publishing"
+            );
+        }
+        Ok(())
+    }
+
+    /// Awaits the oldest sent batch's confirm and records it.
+    async fn settle_front(&mut self) -> Result<(), BrokerError> {
+        let Some(front) = self.pending.front_mut() else {
+            return Ok(());
+        };
+        let Some(confirm) = front.confirm.take() else {
+            return Ok(());
+        };
+        let what = front.what.clone();
+        let confirmation = match tokio::time::timeout(self.opts.confirm_timeout, confirm).await {
+            Err(_) => {
+                return Err(BrokerError::ConfirmTimeout {
+                    what,
+                    timeout: self.opts.confirm_timeout,
+                })
+            }
+            Ok(result) => result.map_err(|e| BrokerError::amqp("await confirm of", &what, e))?,
+        };
+        let front = self.pending.pop_front().expect("front exists");
+        match confirmation {
+            Confirmation::Ack(None) => {
+                self.confirmed
+                    .entry((front.key.epoch, front.key.validation))
+                    .or_default()
+                    .insert(front.key.batch_index);
+                self.stats.batches += 1;
+                self.stats.payload_bytes += front.payload.len() as u64;
+                Ok(())
+            }
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(BrokerError::Returned {
+                    what,
+                    queue: front.queue,
+                    reply: format!("{} {}", returned.reply_code, returned.reply_text),
+                })
+            }
+            Confirmation::Nack(None) => Err(BrokerError::Nacked {
+                what,
+                queue: front.queue,
+            }),
+            Confirmation::NotRequested => unreachable!("confirm_select is on for every link"),
+        }
+    }
+}
