@@ -1,0 +1,497 @@
+//! Decodes the archive once, in parallel, into a disk-backed [`PixelStore`].
+//!
+//! A gzip stream cannot be read at random, and every epoch wants a fresh order, so the images are
+//! decoded, centre-cropped and resized once; each epoch then reads fixed-size records back with
+//! positional reads. One thread streams the archive; JPEG bytes reach a rayon pool of `threads`
+//! workers through a bounded channel, so memory stays bounded whatever the archive size (the
+//! pixels live in the store file, only an index is kept in memory).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+use flowers_dataset::{ArchiveImage, ArchiveReader, DatasetError, Labels};
+use flowers_imaging::JpegPreprocessor;
+use rayon::iter::{ParallelBridge, ParallelIterator};
+
+/// How to preprocess.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreprocessOptions {
+    /// Side of the square output images.
+    pub img_size: u32,
+    /// Decoding threads; 0 means one per available core. The archive is read by one more thread.
+    pub threads: usize,
+    /// Only the first `limit` images of the archive.
+    pub limit: Option<usize>,
+}
+
+impl Default for PreprocessOptions {
+    fn default() -> Self {
+        Self {
+            img_size: 299,
+            threads: 0,
+            limit: None,
+        }
+    }
+}
+
+/// An image that was decoded into the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub number: u32,
+    pub file_name: String,
+    /// 0-based class.
+    pub label: u32,
+}
+
+/// An archive member that could not be decoded (logged, counted, left out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub file_name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("{archive}: {file_name} (image {number}) has no label: the labels cover images 1..={labelled}")]
+    MissingLabel {
+        archive: PathBuf,
+        file_name: String,
+        number: u32,
+        labelled: usize,
+    },
+    #[error("pixel store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {number} is not in the pixel store")]
+    NotStored { number: u32 },
+    #[error("output buffer holds {got} bytes, an image is {expected}")]
+    BufferSize { expected: usize, got: usize },
+    #[error("invalid preprocessing options: {0}")]
+    Options(String),
+    #[error("cannot start decoding: {0}")]
+    Startup(String),
+}
+
+/// Preprocessed images as fixed-size RGB HWC records in a file, read back by image number.
+///
+/// The file is unlinked as soon as it is created, so it disappears with the store (or the
+/// process) and never outlives a crash.
+#[derive(Debug)]
+pub struct PixelStore {
+    file: File,
+    path: PathBuf,
+    img_size: u32,
+    image_bytes: usize,
+    slots: HashMap<u32, u64>,
+}
+
+impl PixelStore {
+    fn create(cache_dir: &Path, img_size: u32) -> Result<Self, PreprocessError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = cache_dir.join(format!(
+            "flowers-pixels-{}-{}-{img_size}.bin",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let store_err = |source| PreprocessError::Store {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(cache_dir).map_err(store_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(store_err)?;
+        std::fs::remove_file(&path).map_err(store_err)?;
+        Ok(Self {
+            file,
+            path,
+            img_size,
+            image_bytes: image_bytes(img_size),
+            slots: HashMap::new(),
+        })
+    }
+
+    fn write(&self, slot: u64, pixels: &[u8]) -> Result<(), PreprocessError> {
+        self.file
+            .write_all_at(pixels, slot * self.image_bytes as u64)
+            .map_err(|source| PreprocessError::Store {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn img_size(&self) -> u32 {
+        self.img_size
+    }
+
+    /// Bytes of one image: `img_size * img_size * 3`.
+    pub fn image_bytes(&self) -> usize {
+        self.image_bytes
+    }
+
+    /// How many images the store holds.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn contains(&self, number: u32) -> bool {
+        self.slots.contains_key(&number)
+    }
+
+    /// Copies image `number` (RGB HWC) into `out`, which must be [`Self::image_bytes`] long.
+    pub fn copy_into(&self, number: u32, out: &mut [u8]) -> Result<(), PreprocessError> {
+        if out.len() != self.image_bytes {
+            return Err(PreprocessError::BufferSize {
+                expected: self.image_bytes,
+                got: out.len(),
+            });
+        }
+        let slot = *self
+            .slots
+            .get(&number)
+            .ok_or(PreprocessError::NotStored { number })?;
+        self.file
+            .read_exact_at(out, slot * self.image_bytes as u64)
+            .map_err(|source| PreprocessError::Store {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+fn image_bytes(img_size: u32) -> usize {
+    img_size as usize * img_size as usize * 3
+}
+
+/// The result of [`preprocess_archive`].
+#[derive(Debug)]
+pub struct Preprocessed {
+    /// Decoded images, by ascending number.
+    pub images: Vec<ImageInfo>,
+    /// Members that could not be decoded.
+    pub skipped: Vec<Skipped>,
+    pub store: PixelStore,
+    pub elapsed: Duration,
+}
+
+/// Decodes every JPEG of `archive` (`.tgz` or `.tar`) into a [`PixelStore`] under `cache_dir`
+/// (which should be on disk, not tmpfs: the store is `images * image_bytes` large).
+///
+/// Undecodable JPEGs are skipped and reported; a broken or missing archive, an image without a
+/// label, or a store I/O failure ends with an error naming the file.
+pub fn preprocess_archive(
+    archive: &Path,
+    labels: &Labels,
+    opts: &PreprocessOptions,
+    cache_dir: &Path,
+) -> Result<Preprocessed, PreprocessError> {
+    let start = Instant::now();
+    let mut store = PixelStore::create(cache_dir, opts.img_size)?;
+    let outcome = run_pipeline(archive, labels, opts, |slot, pixels| {
+        store.write(slot, pixels)
+    })?;
+    store.slots = outcome
+        .decoded
+        .iter()
+        .map(|(slot, info)| (info.number, *slot))
+        .collect();
+    let mut images: Vec<ImageInfo> = outcome.decoded.into_iter().map(|(_, i)| i).collect();
+    images.sort_unstable_by_key(|i| i.number);
+    let elapsed = start.elapsed();
+    tracing::info!(
+        archive = %archive.display(),
+        images = images.len(),
+        skipped = outcome.skipped.len(),
+        ignored_members = outcome.ignored,
+        img_size = opts.img_size,
+        seconds = elapsed.as_secs_f64(),
+        "preprocessed archive"
+    );
+    Ok(Preprocessed {
+        images,
+        skipped: outcome.skipped,
+        store,
+        elapsed,
+    })
+}
+
+/// What the pipeline did with an archive.
+pub(crate) struct PipelineOutcome {
+    /// (store slot = position among the archive's images, image).
+    pub decoded: Vec<(u64, ImageInfo)>,
+    pub skipped: Vec<Skipped>,
+    /// Archive members that are not images.
+    pub ignored: usize,
+}
+
+enum JobResult {
+    Decoded(u64, ImageInfo),
+    Skipped(Skipped),
+}
+
+/// Streams `archive` on one thread and decodes its images on `opts.threads` workers, handing
+/// each image's pixels and slot to `sink`. Shared by [`preprocess_archive`] and the benchmark.
+pub(crate) fn run_pipeline<F>(
+    archive: &Path,
+    labels: &Labels,
+    opts: &PreprocessOptions,
+    sink: F,
+) -> Result<PipelineOutcome, PreprocessError>
+where
+    F: Fn(u64, &[u8]) -> Result<(), PreprocessError> + Sync,
+{
+    if opts.img_size == 0 {
+        return Err(PreprocessError::Options("img_size must be positive".into()));
+    }
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .map_err(|e| PreprocessError::Startup(e.to_string()))?;
+    let bytes_per_image = image_bytes(opts.img_size);
+    // A few JPEGs (~100 kB each) per worker keep them busy without holding the archive in memory.
+    let (tx, rx) = sync_channel::<(u64, u32, ArchiveImage)>(threads * 4);
+
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("archive-reader".into())
+            .spawn_scoped(scope, move || -> Result<usize, PreprocessError> {
+                let mut reader = ArchiveReader::open(archive)?;
+                for (slot, image) in reader.images()?.enumerate() {
+                    if opts.limit.is_some_and(|limit| slot >= limit) {
+                        break;
+                    }
+                    let image = image?;
+                    let label = labels.label_of(image.number).ok_or_else(|| {
+                        PreprocessError::MissingLabel {
+                            archive: archive.to_path_buf(),
+                            file_name: image.name.clone(),
+                            number: image.number,
+                            labelled: labels.len(),
+                        }
+                    })?;
+                    if tx.send((slot as u64, label, image)).is_err() {
+                        // The workers stopped on an error of their own, reported by them.
+                        break;
+                    }
+                }
+                Ok(reader.ignored())
+            })
+            .map_err(|e| PreprocessError::Startup(e.to_string()))?;
+
+        let results: Result<Vec<JobResult>, PreprocessError> =
+            pool.install(|| {
+                rx.into_iter().par_bridge().map_init(
+                || (JpegPreprocessor::new(), vec![0u8; bytes_per_image]),
+                |(decoder, pixels), (slot, label, image)| {
+                    let decoder = decoder
+                        .as_mut()
+                        .map_err(|e| PreprocessError::Startup(e.to_string()))?;
+                    match decoder.preprocess_into(&image.bytes, opts.img_size, pixels) {
+                        Ok(()) => {
+                            sink(slot, pixels)?;
+                            Ok(JobResult::Decoded(
+                                slot,
+                                ImageInfo {
+                                    number: image.number,
+                                    file_name: image.name,
+                                    label,
+                                },
+                            ))
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %image.name, error = %e, "skipping image");
+                            Ok(JobResult::Skipped(Skipped {
+                                file_name: image.name,
+                                reason: e.to_string(),
+                            }))
+                        }
+                    }
+                },
+            )
+            .collect()
+            });
+        // The reader's error (truncated archive, missing label) explains an early end best.
+        let ignored = reader
+            .join()
+            .map_err(|_| PreprocessError::Startup("archive reader thread panicked".into()))??;
+        let mut outcome = PipelineOutcome {
+            decoded: Vec::new(),
+            skipped: Vec::new(),
+            ignored,
+        };
+        for result in results? {
+            match result {
+                JobResult::Decoded(slot, info) => outcome.decoded.push((slot, info)),
+                JobResult::Skipped(skipped) => outcome.skipped.push(skipped),
+            }
+        }
+        Ok(outcome)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowers_dataset::tarwriter::write_archive;
+    use flowers_imaging::{encode_rgb_jpeg, preprocess_jpeg};
+
+    /// A JPEG whose colour encodes `number`, so store round trips can be checked.
+    fn jpeg_for(number: u32, width: usize, height: usize) -> Vec<u8> {
+        let colour = [
+            (number * 40 % 256) as u8,
+            100,
+            (255 - number * 20 % 256) as u8,
+        ];
+        let rgb: Vec<u8> = colour
+            .iter()
+            .copied()
+            .cycle()
+            .take(width * height * 3)
+            .collect();
+        encode_rgb_jpeg(&rgb, width, height, 90).unwrap()
+    }
+
+    fn opts(img_size: u32, threads: usize) -> PreprocessOptions {
+        PreprocessOptions {
+            img_size,
+            threads,
+            limit: None,
+        }
+    }
+
+    #[test]
+    fn preprocesses_a_small_archive_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("flowers.tgz");
+        let jpegs: Vec<(String, Vec<u8>)> = [5u32, 2, 9, 3]
+            .iter()
+            .map(|&n| {
+                (
+                    format!("jpg/image_{n:05}.jpg"),
+                    jpeg_for(n, 60 + n as usize, 48),
+                )
+            })
+            .collect();
+        let mut members: Vec<(&str, &[u8])> = jpegs
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        members.push(("jpg/image_00007.jpg", b"this is not a jpeg"));
+        members.push(("README", b"ignored"));
+        write_archive(&archive, &members, true).unwrap();
+        let labels = Labels::from_vec((1..=10).map(|n| n % 3 + 1).collect());
+
+        let cache = dir.path().join("cache");
+        let out = preprocess_archive(&archive, &labels, &opts(32, 2), &cache).unwrap();
+        assert_eq!(
+            out.images.iter().map(|i| i.number).collect::<Vec<_>>(),
+            [2, 3, 5, 9]
+        );
+        for info in &out.images {
+            assert_eq!(info.label, info.number % 3);
+            assert_eq!(info.file_name, format!("jpg/image_{:05}.jpg", info.number));
+        }
+        assert_eq!(out.skipped.len(), 1);
+        assert_eq!(out.skipped[0].file_name, "jpg/image_00007.jpg");
+        assert!(out.skipped[0].reason.contains("JPEG"), "{:?}", out.skipped);
+
+        let store = &out.store;
+        assert_eq!(
+            (store.img_size(), store.image_bytes(), store.len()),
+            (32, 3072, 4)
+        );
+        let mut buf = vec![0u8; store.image_bytes()];
+        for (name, bytes) in &jpegs {
+            let number = flowers_dataset::image_number(name).unwrap();
+            store.copy_into(number, &mut buf).unwrap();
+            assert_eq!(buf, preprocess_jpeg(bytes, 32).unwrap(), "{name}");
+        }
+        assert!(matches!(
+            store.copy_into(7, &mut buf),
+            Err(PreprocessError::NotStored { number: 7 })
+        ));
+        assert!(matches!(
+            store.copy_into(2, &mut buf[..10]),
+            Err(PreprocessError::BufferSize { .. })
+        ));
+        // The store file is unlinked: nothing is left in the cache directory.
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+
+        let limited = PreprocessOptions {
+            limit: Some(2),
+            ..opts(32, 1)
+        };
+        let out = preprocess_archive(&archive, &labels, &limited, &cache).unwrap();
+        assert_eq!(
+            out.images.iter().map(|i| i.number).collect::<Vec<_>>(),
+            [2, 5],
+            "the first two images in archive order"
+        );
+    }
+
+    #[test]
+    fn images_without_labels_and_broken_archives_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let jpeg = jpeg_for(1, 40, 40);
+        let archive = dir.path().join("few.tar");
+        write_archive(
+            &archive,
+            &[
+                ("jpg/image_00001.jpg", &jpeg),
+                ("jpg/image_00012.jpg", &jpeg),
+            ],
+            false,
+        )
+        .unwrap();
+        let labels = Labels::from_vec(vec![1; 10]);
+        let err = preprocess_archive(&archive, &labels, &opts(16, 2), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("few.tar")
+                && err.contains("jpg/image_00012.jpg")
+                && err.contains("no label"),
+            "{err}"
+        );
+
+        let bytes = std::fs::read(&archive).unwrap();
+        let cut = dir.path().join("cut.tar");
+        std::fs::write(&cut, &bytes[..bytes.len() - 1500]).unwrap();
+        let err = preprocess_archive(&cut, &labels, &opts(16, 2), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.tar") && err.contains("truncated"),
+            "{err}"
+        );
+
+        let missing = dir.path().join("missing.tgz");
+        let err = preprocess_archive(&missing, &labels, &opts(16, 1), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.tgz"), "{err}");
+    }
+}
