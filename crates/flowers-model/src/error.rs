@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+/// Errors of the model library. File errors name the file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {source}")]
+    SafeTensors {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error("unknown {what} {value:?} (expected one of: {expected})")]
+    UnknownName {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl ModelError {
+    pub(crate) fn bad_file(path: &std::path::Path, message: impl Into<String>) -> Self {
+        ModelError::BadFile {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Reading and writing named tch tensors as safetensors with string metadata (`__metadata__`).
+//!
+//! tch's own safetensors support has no metadata, which carries the variant and the checkpoint's
+//! training state here.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use tch::{Device, Kind, Tensor};
+
+use crate::ModelError;
+
+/// Named tensors (sorted by name) plus the file's string metadata.
+#[derive(Debug, Default)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+struct HostTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &HostTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn to_host(name: &str, t: &Tensor, path: &Path) -> Result<HostTensor, ModelError> {
+    let kind = t.kind();
+    let dtype = dtype_of(kind).ok_or_else(|| {
+        ModelError::bad_file(path, format!("tensor {name}: cannot store dtype {kind:?}"))
+    })?;
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(HostTensor {
+        dtype,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        bytes,
+    })
+}
+
+/// Writes `tensors` (copied to host) and `metadata` to `path`, atomically (temp file + rename),
+/// so that a crash never leaves a truncated checkpoint under the final name.
+pub fn write<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: &HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let mut host = BTreeMap::new();
+    for (name, t) in tensors {
+        host.insert(name.to_string(), to_host(name, t, path)?);
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let meta = (!metadata.is_empty()).then(|| metadata.clone());
+    safetensors::tensor::serialize_to_file(host.iter(), meta, &tmp).map_err(|source| {
+        ModelError::SafeTensors {
+            path: tmp.clone(),
+            source,
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads only the metadata of a safetensors file.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError> {
+    use std::io::Read;
+    // Only the header is needed; weights files are large.
+    let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(ModelError::bad_file(
+            path,
+            format!("header length {n} is implausible"),
+        ));
+    }
+    let mut buf = len.to_vec();
+    buf.resize(8 + n as usize, 0);
+    file.read_exact(&mut buf[8..]).map_err(io)?;
+    // read_metadata checks the header against the buffer length, which here is just the header:
+    // parse the JSON part ourselves instead.
+    parse_header_metadata(path, &buf[8..])
+}
+
+fn parse_header_metadata(
+    path: &Path,
+    header: &[u8],
+) -> Result<HashMap<String, String>, ModelError> {
+    let text = std::str::from_utf8(header)
+        .map_err(|_| ModelError::bad_file(path, "safetensors header is not UTF-8"))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ModelError::bad_file(path, format!("safetensors header is not JSON: {e}")))?;
+    let mut out = HashMap::new();
+    if let Some(meta) = value.get("__metadata__") {
+        let obj = meta
+            .as_object()
+            .ok_or_else(|| ModelError::bad_file(path, "__metadata__ is not an object"))?;
+        for (k, v) in obj {
+            let v = v.as_str().ok_or_else(|| {
+                ModelError::bad_file(path, format!("__metadata__.{k} is not a string"))
+            })?;
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every tensor (onto the CPU) and the metadata of a safetensors file.
+pub fn read(path: &Path) -> Result<TensorFile, ModelError> {
+    let bytes = read_bytes(path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|source| ModelError::SafeTensors {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|source| ModelError::SafeTensors {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            ModelError::bad_file(
+                path,
+                format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        tensors.insert(name, t);
+    }
+    Ok(TensorFile {
+        tensors,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    })
+}

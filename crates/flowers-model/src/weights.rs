@@ -1,0 +1,107 @@
+//! Pretrained weights: safetensors files with torchvision names and `__metadata__`
+//! `{"variant": "tf2015"|"torchvision", "source": ...}` (written by `scripts/convert_*.py`).
+
+use std::path::Path;
+
+use tch::Tensor;
+
+use crate::{tensor_file, InceptionV3, ModelConfig, ModelError, Variant};
+
+/// The variant recorded in a weights file's metadata.
+pub fn read_variant(path: &Path) -> Result<Variant, ModelError> {
+    let meta = tensor_file::read_metadata(path)?;
+    variant_from_metadata(path, &meta)
+}
+
+fn variant_from_metadata(
+    path: &Path,
+    meta: &std::collections::HashMap<String, String>,
+) -> Result<Variant, ModelError> {
+    let v = meta.get("variant").ok_or_else(|| {
+        ModelError::bad_file(
+            path,
+            "no \"variant\" in __metadata__ (expected \"tf2015\" or \"torchvision\"; \
+             convert weights with scripts/convert_*.py)",
+        )
+    })?;
+    v.parse()
+        .map_err(|e| ModelError::bad_file(path, format!("__metadata__.variant: {e}")))
+}
+
+/// What [`load_pretrained`] did.
+#[derive(Debug, Clone)]
+pub struct PretrainedInfo {
+    pub variant: Variant,
+    pub source: Option<String>,
+    /// Variables of the model that the file filled.
+    pub loaded: usize,
+    /// Variables left at their initial values: the head (`fc.*`), whose class count differs.
+    pub kept_initial: Vec<String>,
+}
+
+/// Builds the model in `vs` (at its root) and fills it from `weights` when given; the variant is
+/// then the file's, not `config.variant`. `None` means training from scratch.
+pub fn build_model(
+    vs: &tch::nn::VarStore,
+    mut config: ModelConfig,
+    weights: Option<&Path>,
+) -> Result<(InceptionV3, Option<PretrainedInfo>), ModelError> {
+    let Some(path) = weights else {
+        return Ok((InceptionV3::new(&vs.root(), config), None));
+    };
+    config.variant = read_variant(path)?;
+    let model = InceptionV3::new(&vs.root(), config);
+    let info = load_pretrained(vs, path)?;
+    Ok((model, Some(info)))
+}
+
+/// Copies the backbone of a weights file into the VarStore's variables (names must match exactly).
+/// `fc.*` is taken only when its shape matches (a 1000-class ImageNet head never does for 102
+/// flowers); every other variable must be present with the right shape, else the error names it.
+pub fn load_pretrained(vs: &tch::nn::VarStore, path: &Path) -> Result<PretrainedInfo, ModelError> {
+    let file = tensor_file::read(path)?;
+    let variant = variant_from_metadata(path, &file.metadata)?;
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut loaded = 0;
+    let mut kept_initial = Vec::new();
+    for (name, mut var) in vars {
+        let is_head = name == "fc.weight" || name == "fc.bias";
+        match file.tensors.get(&name) {
+            Some(src) if src.size() == var.size() => {
+                tch::no_grad(|| var.f_copy_(src))?;
+                loaded += 1;
+            }
+            Some(_) | None if is_head => kept_initial.push(name),
+            Some(src) => {
+                return Err(ModelError::bad_file(
+                    path,
+                    format!(
+                        "tensor {name} has shape {:?}, the model needs {:?}",
+                        src.size(),
+                        var.size()
+                    ),
+                ))
+            }
+            None => {
+                return Err(ModelError::bad_file(
+                    path,
+                    format!(
+                        "tensor {name} is missing (is this an InceptionV3 with torchvision names?)"
+                    ),
+                ))
+            }
+        }
+    }
+    let source = file.metadata.get("source").cloned();
+    tracing::info!(
+        path = %path.display(), %variant, loaded, kept_initial = ?kept_initial,
+        "loaded pretrained weights"
+    );
+    Ok(PretrainedInfo {
+        variant,
+        source,
+        loaded,
+        kept_initial,
+    })
+}
