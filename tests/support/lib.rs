@@ -1,1 +1,204 @@
-//! Helpers for the end-to-end tests: free ports, child processes, unique queue names.
+//! Helpers for the end-to-end tests: broker URL, unique run ids, a cuttable
+//! TCP proxy in front of RabbitMQ, synthetic batches and small data sets.
+
+use flowers_dataset::matwriter::{write_mat, MatVar};
+use flowers_dataset::tarwriter::write_archive;
+use flowers_wire::{build_batch, Batch, BatchHeader, Split};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The broker under test: `FLOWERS_BROKER_URL`, else `AMQP_URL`, else the local default.
+pub fn broker_url() -> String {
+    std::env::var("FLOWERS_BROKER_URL")
+        .or_else(|_| std::env::var("AMQP_URL"))
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A run id no other test (or test process) uses: `<prefix>-<pid>-<time>-<n>`.
+pub fn unique_run_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A valid batch of `n` `size` x `size` images whose pixels encode `(index, image, byte)`.
+pub fn synthetic_batch(
+    run_id: &str,
+    epoch: u32,
+    split: Split,
+    index: u32,
+    of: u32,
+    n: usize,
+    size: u32,
+) -> Batch {
+    let image_bytes = (size * size * 3) as usize;
+    let pixels = (0..n * image_bytes)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(index * 7) as u8)
+        .collect();
+    let header = BatchHeader {
+        run_id: run_id.to_string(),
+        epoch,
+        split,
+        batch_index: index,
+        batches_in_epoch: of,
+        num_classes: 10,
+    };
+    let names = (0..n)
+        .map(|i| format!("jpg/image_{:05}.jpg", index as usize * n + i + 1))
+        .collect();
+    let labels = (0..n).map(|i| (i % 10) as u32).collect();
+    build_batch(&header, size, size, names, labels, pixels).expect("synthetic batch is valid")
+}
+
+/// A TCP proxy to RabbitMQ that a test can cut (dropping every connection
+/// and refusing new ones) and restore, to exercise reconnection.
+pub struct TcpProxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    relays: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts proxying a local port to `target` (`host:port`).
+    pub async fn start(target: &str) -> std::io::Result<TcpProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let down = Arc::new(AtomicBool::new(false));
+        let relays: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = target.to_string();
+        let acceptor = {
+            let (down, relays) = (down.clone(), relays.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if down.load(Ordering::SeqCst) {
+                        continue; // dropping `client` refuses it
+                    }
+                    let target = target.clone();
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    relays.lock().unwrap().push(relay);
+                }
+            })
+        };
+        Ok(TcpProxy {
+            port,
+            down,
+            relays,
+            acceptor,
+        })
+    }
+
+    /// `url` (a broker URL) with its host and port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
+        let (auth, hostpath) = match rest.rsplit_once('@') {
+            Some((auth, hp)) => (format!("{auth}@"), hp),
+            None => (String::new(), rest),
+        };
+        let path = hostpath.find('/').map(|i| &hostpath[i..]).unwrap_or("");
+        format!("{scheme}://{auth}127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Drops every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.cut();
+    }
+}
+
+/// A small generated data set on disk, shaped like the real one.
+pub struct SmallDataset {
+    pub dir: tempfile::TempDir,
+    /// `jpg/image_NNNNN.jpg` members in a `.tgz`.
+    pub archive: PathBuf,
+    /// `imagelabels.mat` look-alike with a label (1-based) for every image number.
+    pub labels: PathBuf,
+    /// (image number, 0-based label) of every decodable image.
+    pub images: Vec<(u32, u32)>,
+    /// Member names of the corrupt JPEGs.
+    pub corrupt: Vec<String>,
+}
+
+impl SmallDataset {
+    /// `n` JPEGs of varied sizes in `classes` classes, plus corrupt members
+    /// for the image numbers in `corrupt` (numbers after the good ones).
+    pub fn generate(n: u32, classes: u32, corrupt: &[u32]) -> SmallDataset {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut images = Vec::new();
+        for number in 1..=n {
+            let (w, h) = (24 + (number * 7) % 40, 20 + (number * 11) % 36);
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([
+                    (x * 9 + number) as u8,
+                    (y * 5 + number * 3) as u8,
+                    ((x + y) * 3) as u8,
+                ])
+            });
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                .encode_image(&img)
+                .expect("encode JPEG");
+            members.push((format!("jpg/image_{number:05}.jpg"), jpeg));
+            images.push((number, (number - 1) % classes));
+        }
+        let mut corrupt_names = Vec::new();
+        for &number in corrupt {
+            let name = format!("jpg/image_{number:05}.jpg");
+            // A JPEG start-of-image marker followed by garbage.
+            members.push((
+                name.clone(),
+                [&[0xFF, 0xD8, 0xFF][..], b"not really a jpeg"].concat(),
+            ));
+            corrupt_names.push(name);
+        }
+        let archive = dir.path().join("102flowers.tgz");
+        let refs: Vec<(&str, &[u8])> = members
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        write_archive(&archive, &refs, true).expect("write archive");
+        let total = n.max(corrupt.iter().copied().max().unwrap_or(0));
+        let labels_data: Vec<f64> = (1..=total)
+            .map(|number| ((number - 1) % classes + 1) as f64)
+            .collect();
+        let labels = dir.path().join("imagelabels.mat");
+        write_mat(&labels, &[MatVar::row("labels", &labels_data)]).expect("write labels");
+        SmallDataset {
+            dir,
+            archive,
+            labels,
+            images,
+            corrupt: corrupt_names,
+        }
+    }
+}

@@ -250,9 +250,12 @@ impl Publisher {
 
     async fn try_drive(&mut self, keep: usize) -> Result<(), BrokerError> {
         let channel = self.ensure_link().await?;
-        while let Some(i) = self.pending.iter().position(|p| p.confirm.is_none()) {
+        while self.pending.iter().any(|p| p.confirm.is_none()) {
+            // Making room settles confirms, which shifts the queue: look up afterwards.
             self.make_room(&channel).await?;
-            let pending = &mut self.pending[i];
+            let Some(pending) = self.pending.iter_mut().find(|p| p.confirm.is_none()) else {
+                break;
+            };
             let confirm = channel
                 .basic_publish(
                     "".into(),
