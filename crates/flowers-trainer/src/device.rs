@@ -1,0 +1,188 @@
+//! Device choice, numeric precision and getting a uint8 NHWC batch onto the device.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tch::{Device, Kind, Tensor};
+
+/// Where the trainer computes: `auto` takes CUDA when libtorch sees a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The reply to an unusable `--device` or `--precision`.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown {what} {given:?}: expected one of {expected}")]
+    Unknown {
+        what: &'static str,
+        given: String,
+        expected: &'static str,
+    },
+    #[error("--device cuda asked for, but libtorch sees no CUDA device")]
+    NoCuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            _ => Err(DeviceError::Unknown {
+                what: "device",
+                given: s.to_owned(),
+                expected: "auto, cpu, cuda",
+            }),
+        }
+    }
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<Device, DeviceError> {
+        match self {
+            Self::Auto => Ok(Device::cuda_if_available()),
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            Self::Cuda => Err(DeviceError::NoCuda),
+        }
+    }
+}
+
+/// Arithmetic of the forward pass. `Bf16` is CUDA autocast to bfloat16 (weights, gradients and
+/// optimizer state stay fp32); on the CPU it falls back to fp32, since CPU bf16 convolutions are
+/// slower than fp32 ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(DeviceError::Unknown {
+                what: "precision",
+                given: s.to_owned(),
+                expected: "fp32, bf16",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    /// The precision the device actually runs: bf16 only on CUDA.
+    pub fn effective(self, device: Device) -> Precision {
+        if device.is_cuda() {
+            self
+        } else {
+            Precision::Fp32
+        }
+    }
+}
+
+// tch's `autocast` switches CUDA autocast on but offers no way to choose its dtype, whose default
+// is fp16. libtorch exports the setter as a C++ function taking two `int8_t`-backed enums by value,
+// which the Itanium ABI passes exactly like C `int8_t` arguments.
+extern "C" {
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn at_set_autocast_dtype(device_type: i8, dtype: i8);
+    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+    fn at_get_autocast_dtype(device_type: i8) -> i8;
+}
+
+/// `c10::DeviceType::CUDA`.
+const C10_CUDA: i8 = 1;
+/// `c10::ScalarType::BFloat16`.
+const C10_BFLOAT16: i8 = 15;
+
+/// Runs `f` (forward pass and loss) under the precision: bf16 autocast on CUDA, plain otherwise.
+pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> T {
+    match precision.effective(device) {
+        Precision::Fp32 => f(),
+        Precision::Bf16 => {
+            // The autocast dtype is thread-local in libtorch: set it on the thread that computes.
+            // SAFETY: plain value arguments; the function only stores them.
+            unsafe { at_set_autocast_dtype(C10_CUDA, C10_BFLOAT16) };
+            tch::autocast(true, f)
+        }
+    }
+}
+
+/// Whether CUDA autocast would run in bf16 on this thread (for tests and logs).
+pub fn cuda_autocast_is_bf16() -> bool {
+    // SAFETY: plain value argument, returns the stored dtype.
+    unsafe { at_get_autocast_dtype(C10_CUDA) == C10_BFLOAT16 }
+}
+
+/// Puts a uint8 NHWC batch on `device` unchanged (conversion to float happens there).
+/// On CUDA the bytes go through pinned host memory with a non-blocking copy, so the transfer
+/// overlaps whatever the GPU is still doing; libtorch's caching host allocator keeps the pinned
+/// block alive until the copy has finished.
+pub fn upload_nhwc(pixels: &[u8], shape: [i64; 4], device: Device) -> Tensor {
+    let numel: i64 = shape.iter().product();
+    assert_eq!(numel as usize, pixels.len(), "pixel buffer does not match shape {shape:?}");
+    if !device.is_cuda() {
+        return Tensor::from_data_size(pixels, &shape, Kind::Uint8);
+    }
+    let pinned = Tensor::empty(shape, (Kind::Uint8, Device::Cpu)).pin_memory(device);
+    // SAFETY: `pinned` is a fresh contiguous uint8 tensor of exactly `pixels.len()` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(pixels.as_ptr(), pinned.data_ptr() as *mut u8, pixels.len());
+    }
+    pinned.to_device_(device, Kind::Uint8, true, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_choices_and_rejects_others() {
+        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert!(err.contains("\"tpu\"") && err.contains("cpu"), "{err}");
+        assert!("fp16".parse::<Precision>().is_err());
+    }
+
+    #[test]
+    fn bf16_falls_back_to_fp32_on_cpu() {
+        assert_eq!(Precision::Bf16.effective(Device::Cpu), Precision::Fp32);
+        assert_eq!(Precision::Bf16.effective(Device::Cuda(0)), Precision::Bf16);
+    }
+
+    #[test]
+    fn autocast_dtype_setter_links_and_takes_effect() {
+        // Runs on its own test thread, and the dtype is thread-local, so other tests are unaffected.
+        assert!(!cuda_autocast_is_bf16());
+        unsafe { at_set_autocast_dtype(C10_CUDA, C10_BFLOAT16) };
+        assert!(cuda_autocast_is_bf16());
+    }
+
+    #[test]
+    fn upload_keeps_bytes_and_shape() {
+        let pixels: Vec<u8> = (0..2 * 3 * 4 * 3).map(|i| i as u8).collect();
+        let t = upload_nhwc(&pixels, [2, 3, 4, 3], Device::Cpu);
+        assert_eq!(t.size(), vec![2, 3, 4, 3]);
+        assert_eq!(t.kind(), Kind::Uint8);
+        assert_eq!(Vec::<u8>::try_from(t.flatten(0, -1)).unwrap(), pixels);
+    }
+}

@@ -1,0 +1,40 @@
+use std::path::PathBuf;
+
+use crate::device::DeviceError;
+use crate::worker::WorkerGone;
+
+/// Everything that stops the trainer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Model(#[from] flowers_model::ModelError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Broker(#[from] flowers_broker::BrokerError),
+    #[error(transparent)]
+    Worker(#[from] WorkerGone),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Data(String),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

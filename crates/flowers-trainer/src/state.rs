@@ -1,0 +1,352 @@
+//! The model, its optimizer and one training or evaluation step. Lives on the training thread
+//! ([`crate::worker::Worker`]); nothing here is async.
+
+use std::path::Path;
+use std::time::Instant;
+
+use flowers_model::{
+    build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint, to_model_input,
+    CheckpointMeta, InceptionV3, ModelConfig, Optimizer, OptimizerKind, Policy, Variant,
+};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Reduction, Tensor};
+use tracing::{info, warn};
+
+use crate::device::{upload_nhwc, with_precision, Precision};
+use crate::metrics::EvalTally;
+use crate::TrainError;
+
+/// How the model is built and run; fixed for the life of a trainer.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub device: Device,
+    pub precision: Precision,
+    pub num_classes: i64,
+    /// Architecture when training from scratch (pretrained weights carry their own).
+    pub variant: Variant,
+    pub label_smoothing: f64,
+    /// Random horizontal flips of training batches.
+    pub flip: bool,
+    pub optimizer: OptimizerKind,
+}
+
+/// Borrowed view of one batch: pixels NHWC uint8, 0-based labels.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    pub pixels: &'a [u8],
+    /// `[N, H, W, 3]`.
+    pub shape: [i64; 4],
+    pub labels: &'a [u32],
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    pub loss: f64,
+    pub correct: u64,
+    pub images: usize,
+    pub secs: f64,
+}
+
+/// Model, optimizer and step count of a trainer.
+pub struct TrainState {
+    opts: ModelOptions,
+    vs: VarStore,
+    model: InceptionV3,
+    optimizer: Optimizer,
+    backbone_lr_scale: f64,
+    /// Optimizer steps taken (carried over from a resumed checkpoint).
+    pub step: u64,
+}
+
+impl TrainState {
+    /// A model with `weights` (a pretrained safetensors file or a checkpoint), or initialised at
+    /// random when `None`, and a fresh optimizer.
+    pub fn new(
+        opts: ModelOptions,
+        policy: Policy,
+        backbone_lr_scale: f64,
+        weights: Option<&Path>,
+    ) -> Result<Self, TrainError> {
+        let vs = VarStore::new(opts.device);
+        let config = ModelConfig::new(opts.num_classes, opts.variant, policy);
+        let (model, _) = build_model(&vs, config, weights)?;
+        if weights.is_none() {
+            warn!("no pretrained weights (--weights none): training from scratch, accuracy will be poor");
+        }
+        let optimizer = Optimizer::new(opts.optimizer, model.param_groups(backbone_lr_scale));
+        Ok(Self {
+            opts,
+            vs,
+            model,
+            optimizer,
+            backbone_lr_scale,
+            step: 0,
+        })
+    }
+
+    /// Everything a checkpoint holds: the model as saved (its policy and variant), its step,
+    /// and the optimizer state when the run uses the same optimizer and policy.
+    pub fn resume(
+        opts: ModelOptions,
+        backbone_lr_scale: f64,
+        checkpoint: &Path,
+    ) -> Result<(Self, CheckpointMeta), TrainError> {
+        let meta = read_checkpoint_meta(checkpoint)?;
+        if meta.num_classes != opts.num_classes {
+            return Err(TrainError::File {
+                path: checkpoint.to_path_buf(),
+                message: format!(
+                    "checkpoint has {} classes, the run {}",
+                    meta.num_classes, opts.num_classes
+                ),
+            });
+        }
+        let opts = ModelOptions {
+            variant: meta.variant,
+            ..opts
+        };
+        let vs = VarStore::new(opts.device);
+        let model = InceptionV3::new(
+            &vs.root(),
+            ModelConfig::new(opts.num_classes, meta.variant, meta.policy),
+        );
+        let mut optimizer = Optimizer::new(opts.optimizer, model.param_groups(backbone_lr_scale));
+        let same_optimizer = meta.optimizer.as_deref() == Some(opts.optimizer.name());
+        if !same_optimizer {
+            warn!(
+                checkpoint = %checkpoint.display(),
+                saved = ?meta.optimizer,
+                run = opts.optimizer.name(),
+                "optimizer differs from the checkpoint's: starting it fresh"
+            );
+        }
+        let meta = load_checkpoint(checkpoint, &vs, same_optimizer.then_some(&mut optimizer))?;
+        info!(checkpoint = %checkpoint.display(), step = meta.step, epoch = meta.epoch, policy = %meta.policy, "resumed");
+        let state = Self {
+            opts,
+            vs,
+            model,
+            optimizer,
+            backbone_lr_scale,
+            step: meta.step,
+        };
+        Ok((state, meta))
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.model.config().policy
+    }
+
+    pub fn model(&self) -> &InceptionV3 {
+        &self.model
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    pub fn options(&self) -> &ModelOptions {
+        &self.opts
+    }
+
+    /// Switches to `policy` and the backbone lr multiplier of a new phase. A new policy means
+    /// new variables (requires_grad and BatchNorm modes are fixed at construction): they are
+    /// copied over, and the optimizer starts afresh for the new parameter set.
+    pub fn set_phase(&mut self, policy: Policy, backbone_lr_scale: f64) -> Result<(), TrainError> {
+        if policy == self.policy() && backbone_lr_scale == self.backbone_lr_scale {
+            return Ok(());
+        }
+        if policy != self.policy() {
+            let mut vs = VarStore::new(self.opts.device);
+            let config = ModelConfig {
+                policy,
+                ..self.model.config().clone()
+            };
+            let model = InceptionV3::new(&vs.root(), config);
+            vs.copy(&self.vs)?;
+            self.vs = vs;
+            self.model = model;
+        }
+        info!(from = %self.policy(), to = %policy, backbone_lr_scale, "new training phase: fresh optimizer");
+        self.optimizer = Optimizer::new(self.opts.optimizer, self.model.param_groups(backbone_lr_scale));
+        self.backbone_lr_scale = backbone_lr_scale;
+        Ok(())
+    }
+
+    fn inputs(&self, batch: BatchView<'_>, flip: bool) -> Result<(Tensor, Tensor), TrainError> {
+        let device = self.opts.device;
+        let pixels = upload_nhwc(batch.pixels, batch.shape, device);
+        let labels: Vec<i64> = batch.labels.iter().map(|&l| i64::from(l)).collect();
+        let labels = Tensor::from_slice(&labels).to_device(device);
+        Ok((to_model_input(&pixels, device, flip)?, labels))
+    }
+
+    /// One optimizer step at base learning rate `lr` on the batch (training mode, flips when
+    /// enabled).
+    pub fn train_step(&mut self, batch: BatchView<'_>, lr: f64) -> Result<StepOutcome, TrainError> {
+        let started = Instant::now();
+        let (x, y) = self.inputs(batch, self.opts.flip)?;
+        let (device, precision) = (self.opts.device, self.opts.precision);
+        let smoothing = self.opts.label_smoothing;
+        let (loss, logits) = with_precision(precision, device, || {
+            let logits = self.model.forward_t(&x, true);
+            let loss = logits.to_kind(Kind::Float).f_cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                Reduction::Mean,
+                -100,
+                smoothing,
+            );
+            loss.map(|l| (l, logits))
+        })?;
+        self.optimizer.zero_grad();
+        loss.f_backward()?;
+        self.optimizer.step(lr);
+        self.step += 1;
+        let correct = logits
+            .detach()
+            .f_argmax(-1, false)?
+            .f_eq_tensor(&y)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        // Reading the loss waits for the device, so `secs` covers the whole step.
+        let loss = loss.f_double_value(&[])?;
+        if !loss.is_finite() {
+            return Err(TrainError::Data(format!(
+                "training loss became {loss} at step {}; lower the learning rate",
+                self.step
+            )));
+        }
+        Ok(StepOutcome {
+            loss,
+            correct: correct as u64,
+            images: batch.labels.len(),
+            secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Adds the batch's predictions to `tally` (eval mode, no flips, no gradients).
+    pub fn evaluate(&self, batch: BatchView<'_>, tally: &mut EvalTally) -> Result<(), TrainError> {
+        let (x, y) = self.inputs(batch, false)?;
+        let (logits, losses) = tch::no_grad(|| {
+            with_precision(self.opts.precision, self.opts.device, || {
+                let logits = self.model.forward_t(&x, false).to_kind(Kind::Float);
+                let losses = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0);
+                losses.map(|l| (logits, l))
+            })
+        })?;
+        let k = 5.min(self.opts.num_classes);
+        let (_, top) = logits.f_topk(k, -1, true, true)?;
+        let top: Vec<i64> = Vec::try_from(top.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
+        let losses: Vec<f64> = Vec::try_from(losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+        for (i, (&label, loss)) in batch.labels.iter().zip(losses).enumerate() {
+            let ranked: Vec<usize> = top[i * k as usize..(i + 1) * k as usize]
+                .iter()
+                .map(|&c| c as usize)
+                .collect();
+            tally.add(label as usize, &ranked, loss);
+        }
+        Ok(())
+    }
+
+    /// Saves model, optimizer state and position (see [`flowers_model::save_checkpoint`]).
+    pub fn save(&self, path: &Path, epochs_done: u32, img_size: i64) -> Result<(), TrainError> {
+        let meta = CheckpointMeta {
+            step: self.step,
+            epoch: u64::from(epochs_done),
+            policy: self.policy(),
+            variant: self.model.config().variant,
+            num_classes: self.opts.num_classes,
+            img_size,
+            optimizer: None,
+        };
+        save_checkpoint(path, &self.vs, Some(&self.optimizer), &meta)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> ModelOptions {
+        ModelOptions {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            num_classes: 4,
+            variant: Variant::Torchvision,
+            label_smoothing: 0.0,
+            flip: false,
+            optimizer: OptimizerKind::adam(),
+        }
+    }
+
+    fn batch() -> (Vec<u8>, Vec<u32>) {
+        let pixels = (0..4 * 75 * 75 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+        (pixels, vec![0, 1, 2, 3])
+    }
+
+    #[test]
+    fn policy_switch_keeps_weights_and_changes_what_trains() {
+        tch::manual_seed(0);
+        let mut st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
+        let before: Vec<f64> = st
+            .var_store()
+            .variables()
+            .iter()
+            .filter(|(n, _)| n.starts_with("Mixed_7c.branch1x1.conv"))
+            .map(|(_, t)| t.abs().sum(Kind::Double).double_value(&[]))
+            .collect();
+        assert_eq!(st.model().trainable_names(), ["fc.weight", "fc.bias"]);
+        st.set_phase(Policy::Reference, 0.1).unwrap();
+        assert_eq!(st.policy(), Policy::Reference);
+        assert!(st.model().trainable_names().len() > 2);
+        let after: Vec<f64> = st
+            .var_store()
+            .variables()
+            .iter()
+            .filter(|(n, _)| n.starts_with("Mixed_7c.branch1x1.conv"))
+            .map(|(_, t)| t.abs().sum(Kind::Double).double_value(&[]))
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn evaluation_tallies_every_image() {
+        tch::manual_seed(0);
+        let st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
+        let (pixels, labels) = batch();
+        let view = BatchView {
+            pixels: &pixels,
+            shape: [4, 75, 75, 3],
+            labels: &labels,
+        };
+        let mut tally = EvalTally::new(4);
+        st.evaluate(view, &mut tally).unwrap();
+        assert_eq!(tally.images(), 4);
+        assert!((tally.top5() - 1.0).abs() < 1e-12, "4 classes: top-5 holds every label");
+        assert!(tally.mean_loss() > 0.0);
+    }
+
+    #[test]
+    fn checkpoint_round_trip_restores_step_and_weights() {
+        tch::manual_seed(0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let mut st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
+        let (pixels, labels) = batch();
+        let view = BatchView {
+            pixels: &pixels,
+            shape: [4, 75, 75, 3],
+            labels: &labels,
+        };
+        st.train_step(view, 1e-3).unwrap();
+        st.save(&path, 1, 75).unwrap();
+        let (back, meta) = TrainState::resume(opts(), 1.0, &path).unwrap();
+        assert_eq!((back.step, meta.epoch, meta.policy, meta.img_size), (1, 1, Policy::Head, 75));
+        let a = st.var_store().variables()["fc.weight"].shallow_clone();
+        let b = back.var_store().variables()["fc.weight"].shallow_clone();
+        assert!(a.equal(&b));
+    }
+}
