@@ -35,3 +35,51 @@ pub fn to_model_input(batch: &Tensor, device: Device, flip: bool) -> Result<Tens
     };
     Ok(if device.is_cuda() { x } else { x.contiguous() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_to_minus_one_one_in_nchw() {
+        let px = Tensor::from_slice(&[0u8, 255, 51, 102, 127, 204]).view([1, 1, 2, 3]);
+        let x = to_model_input(&px, Device::Cpu, false).unwrap();
+        assert_eq!(x.size(), [1, 3, 1, 2]);
+        assert_eq!(x.kind(), Kind::Float);
+        let want = Tensor::from_slice(&[0f32, 102., 255., 127., 51., 204.]).view([1, 3, 1, 2])
+            / 127.5
+            - 1.0;
+        assert!(x.allclose(&want, 0.0, 1e-7, false));
+        assert!(x.is_contiguous());
+    }
+
+    #[test]
+    fn flips_some_samples_whole_and_keeps_the_others() {
+        tch::manual_seed(3);
+        let px =
+            Tensor::randint(256, [64, 5, 7, 3], (Kind::Int64, Device::Cpu)).to_kind(Kind::Uint8);
+        let plain = to_model_input(&px, Device::Cpu, false).unwrap();
+        let x = to_model_input(&px, Device::Cpu, true).unwrap();
+        let mut flipped = 0;
+        for i in 0..64 {
+            let (xi, pi) = (x.get(i), plain.get(i));
+            if xi.equal(&pi.flip([2])) {
+                flipped += 1;
+            } else {
+                assert!(xi.equal(&pi), "sample {i} is neither original nor mirrored");
+            }
+        }
+        assert!((12..=52).contains(&flipped), "{flipped} of 64 flipped");
+    }
+
+    #[test]
+    fn rejects_wrong_layout() {
+        let px = Tensor::zeros([2, 3, 8, 8], (Kind::Uint8, Device::Cpu));
+        let err = to_model_input(&px, Device::Cpu, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[N, H, W, 3]"), "{err}");
+        let px = Tensor::zeros([2, 8, 8, 3], (Kind::Float, Device::Cpu));
+        assert!(to_model_input(&px, Device::Cpu, false).is_err());
+    }
+}

@@ -48,3 +48,39 @@ impl LrSchedule {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn constant_and_step() {
+        assert_eq!(LrSchedule::Constant { lr: 0.1 }.lr_at(1000), 0.1);
+        let s = LrSchedule::Step {
+            lr: 1.0,
+            step_size: 10,
+            gamma: 0.5,
+        };
+        assert!(close(s.lr_at(9), 1.0) && close(s.lr_at(10), 0.5) && close(s.lr_at(25), 0.25));
+    }
+
+    #[test]
+    fn cosine_warms_up_then_decays_to_min() {
+        let s = LrSchedule::Cosine {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 4,
+            total_steps: 14,
+        };
+        let lrs: Vec<f64> = (0..4).map(|i| s.lr_at(i)).collect();
+        assert_eq!(lrs, vec![0.25, 0.5, 0.75, 1.0]);
+        assert!(close(s.lr_at(4), 1.0));
+        assert!(close(s.lr_at(9), 0.55)); // half way: (1 + 0.1) / 2
+        assert!(close(s.lr_at(14), 0.1) && close(s.lr_at(100), 0.1));
+        assert!((4..14).all(|i| s.lr_at(i + 1) < s.lr_at(i)));
+    }
+}

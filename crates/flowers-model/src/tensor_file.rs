@@ -203,3 +203,40 @@ pub fn read(path: &Path) -> Result<TensorFile, ModelError> {
         metadata: meta.metadata().clone().unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_tensors_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0]).view([2, 2]);
+        let b = Tensor::from(7i64);
+        let c = Tensor::from_slice(&[1u8, 2, 3]);
+        let meta = HashMap::from([("variant".to_string(), "tf2015".to_string())]);
+        write(&path, [("a", &a), ("b", &b), ("c", &c)], &meta).unwrap();
+        let f = read(&path).unwrap();
+        assert_eq!(f.metadata, meta);
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        assert!(f.tensors["a"].equal(&a) && f.tensors["b"].equal(&b) && f.tensors["c"].equal(&c));
+        assert_eq!(f.tensors["b"].size(), Vec::<i64>::new());
+        assert!(!dir.path().join("t.safetensors.tmp").exists());
+    }
+
+    #[test]
+    fn names_the_file_when_it_is_not_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.safetensors");
+        std::fs::write(&path, b"\x05\0\0\0\0\0\0\0{oops").unwrap();
+        for err in [read(&path).unwrap_err(), read_metadata(&path).unwrap_err()] {
+            assert!(err.to_string().contains("junk.safetensors"), "{err}");
+        }
+        let missing = dir.path().join("none.safetensors");
+        assert!(read_metadata(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("none.safetensors"));
+    }
+}

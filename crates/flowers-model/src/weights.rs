@@ -105,3 +105,44 @@ pub fn load_pretrained(vs: &tch::nn::VarStore, path: &Path) -> Result<Pretrained
         kept_initial,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn variant_must_be_recorded_and_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let none = dir.path().join("none.safetensors");
+        tensor_file::write(&none, [("x", &t)], &HashMap::new()).unwrap();
+        let err = read_variant(&none).unwrap_err().to_string();
+        assert!(
+            err.contains("none.safetensors") && err.contains("variant"),
+            "{err}"
+        );
+
+        let odd = dir.path().join("odd.safetensors");
+        let meta = HashMap::from([("variant".to_string(), "keras".to_string())]);
+        tensor_file::write(&odd, [("x", &t)], &meta).unwrap();
+        let err = read_variant(&odd).unwrap_err().to_string();
+        assert!(
+            err.contains("odd.safetensors") && err.contains("keras"),
+            "{err}"
+        );
+
+        let ok = dir.path().join("ok.safetensors");
+        let meta = HashMap::from([("variant".to_string(), "torchvision".to_string())]);
+        tensor_file::write(&ok, [("x", &t)], &meta).unwrap();
+        assert_eq!(read_variant(&ok).unwrap(), Variant::Torchvision);
+        // It lacks the backbone, so loading names a missing tensor.
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let cfg = ModelConfig::new(102, Variant::Torchvision, crate::Policy::Head);
+        let err = build_model(&vs, cfg, Some(&ok)).unwrap_err().to_string();
+        assert!(
+            err.contains("ok.safetensors") && err.contains("is missing"),
+            "{err}"
+        );
+    }
+}
