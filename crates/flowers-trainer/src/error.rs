@@ -18,6 +18,10 @@ pub enum TrainError {
     Broker(#[from] flowers_broker::BrokerError),
     #[error(transparent)]
     Worker(#[from] WorkerGone),
+    #[error(transparent)]
+    Dataset(#[from] flowers_dataset::DatasetError),
+    #[error(transparent)]
+    Preprocess(#[from] flowers_loader::preprocess::PreprocessError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{path}: {source}")]

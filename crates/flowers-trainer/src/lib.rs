@@ -1,9 +1,13 @@
 //! The trainer: consuming batches, training steps, checkpoints, evaluation and its benchmark.
 
+pub mod bench;
 pub mod device;
 mod error;
+pub mod evaluate;
 pub mod metrics;
 pub mod recipe;
+pub mod run;
+pub mod shutdown;
 pub mod state;
 pub mod worker;
 

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// The figures of one optimizer step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepMetrics {
@@ -18,7 +20,7 @@ pub struct StepMetrics {
     pub loss: f64,
     /// Top-1 accuracy on the batch, taken from the forward pass of the step (training mode).
     pub accuracy: f64,
-    /// Learning rate of the pretrained-layer group during the step (the head's may be higher).
+    /// Base learning rate of the step: the head's (pretrained layers may get a fraction of it).
     pub lr: f64,
     /// Seconds from the end of the previous step until this batch was on hand.
     pub data_wait_secs: f64,
@@ -56,7 +58,7 @@ impl fmt::Display for StepMetrics {
 }
 
 /// Counts for a classification evaluation: top-1, top-5, per-class hits and the confusion matrix.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalTally {
     num_classes: usize,
     images: u64,

@@ -57,6 +57,7 @@ pub struct TrainState {
     backbone_lr_scale: f64,
     /// Optimizer steps taken (carried over from a resumed checkpoint).
     pub step: u64,
+    resumed_from: Option<CheckpointMeta>,
 }
 
 impl TrainState {
@@ -71,9 +72,6 @@ impl TrainState {
         let vs = VarStore::new(opts.device);
         let config = ModelConfig::new(opts.num_classes, opts.variant, policy);
         let (model, _) = build_model(&vs, config, weights)?;
-        if weights.is_none() {
-            warn!("no pretrained weights (--weights none): training from scratch, accuracy will be poor");
-        }
         let optimizer = Optimizer::new(opts.optimizer, model.param_groups(backbone_lr_scale));
         Ok(Self {
             opts,
@@ -82,6 +80,7 @@ impl TrainState {
             optimizer,
             backbone_lr_scale,
             step: 0,
+            resumed_from: None,
         })
     }
 
@@ -91,7 +90,7 @@ impl TrainState {
         opts: ModelOptions,
         backbone_lr_scale: f64,
         checkpoint: &Path,
-    ) -> Result<(Self, CheckpointMeta), TrainError> {
+    ) -> Result<Self, TrainError> {
         let meta = read_checkpoint_meta(checkpoint)?;
         if meta.num_classes != opts.num_classes {
             return Err(TrainError::File {
@@ -123,15 +122,20 @@ impl TrainState {
         }
         let meta = load_checkpoint(checkpoint, &vs, same_optimizer.then_some(&mut optimizer))?;
         info!(checkpoint = %checkpoint.display(), step = meta.step, epoch = meta.epoch, policy = %meta.policy, "resumed");
-        let state = Self {
+        Ok(Self {
             opts,
             vs,
             model,
             optimizer,
             backbone_lr_scale,
             step: meta.step,
-        };
-        Ok((state, meta))
+            resumed_from: Some(meta),
+        })
+    }
+
+    /// The metadata of the checkpoint this state was resumed from.
+    pub fn resumed_from(&self) -> Option<&CheckpointMeta> {
+        self.resumed_from.as_ref()
     }
 
     pub fn policy(&self) -> Policy {
@@ -313,6 +317,30 @@ mod tests {
     }
 
     #[test]
+    fn steps_on_one_batch_lower_its_loss() {
+        tch::manual_seed(0);
+        let opts = ModelOptions {
+            label_smoothing: 0.1,
+            ..opts()
+        };
+        let mut st = TrainState::new(opts, Policy::Head, 1.0, None).unwrap();
+        let (pixels, labels) = batch();
+        let view = BatchView {
+            pixels: &pixels,
+            shape: [4, 75, 75, 3],
+            labels: &labels,
+        };
+        let first = st.train_step(view, 1e-2).unwrap();
+        let mut last = first;
+        for _ in 0..5 {
+            last = st.train_step(view, 1e-2).unwrap();
+        }
+        assert_eq!(st.step, 6);
+        assert_eq!(last.images, 4);
+        assert!(last.loss < first.loss, "loss {} -> {}", first.loss, last.loss);
+    }
+
+    #[test]
     fn evaluation_tallies_every_image() {
         tch::manual_seed(0);
         let st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
@@ -343,7 +371,8 @@ mod tests {
         };
         st.train_step(view, 1e-3).unwrap();
         st.save(&path, 1, 75).unwrap();
-        let (back, meta) = TrainState::resume(opts(), 1.0, &path).unwrap();
+        let back = TrainState::resume(opts(), 1.0, &path).unwrap();
+        let meta = back.resumed_from().unwrap();
         assert_eq!((back.step, meta.epoch, meta.policy, meta.img_size), (1, 1, Policy::Head, 75));
         let a = st.var_store().variables()["fc.weight"].shallow_clone();
         let b = back.var_store().variables()["fc.weight"].shallow_clone();

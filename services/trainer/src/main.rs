@@ -1,4 +1,302 @@
-fn main() {
+//! Trainer worker: fine-tunes InceptionV3 on batches from RabbitMQ (`run`), evaluates a
+//! checkpoint on an archive (`evaluate`) and times training steps (`bench`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flowers_broker::DEFAULT_BROKER_URL;
+use flowers_model::{OptimizerKind, Policy};
+use flowers_trainer::bench::{bench, BenchOptions};
+use flowers_trainer::device::{DeviceChoice, Precision};
+use flowers_trainer::evaluate::{evaluate, parse_split, EvaluateOptions};
+use flowers_trainer::recipe::{Hyper, Overrides, Recipe, ScheduleKind};
+use flowers_trainer::run::{run, RunOptions, RunOutcome, Standalone};
+use flowers_trainer::shutdown;
+use flowers_trainer::state::ModelOptions;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train on the run's batches from RabbitMQ: train.E, then val.E, for each epoch.
+    Run(Box<RunArgs>),
+    /// Accuracy of a checkpoint on images of an archive.
+    Evaluate(EvaluateArgs),
+    /// Time training steps on generated input; prints `images_per_s=<n>`.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct Compute {
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, env = "FLOWERS_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    /// bf16 (CUDA autocast; fp32 on the CPU) or fp32.
+    #[arg(long, default_value = "bf16")]
+    precision: Precision,
+    /// libtorch intra-op threads (default: libtorch's choice, one per core).
+    #[arg(long, env = "FLOWERS_TORCH_THREADS")]
+    threads: Option<i32>,
+}
+
+impl Compute {
+    fn apply(&self) -> anyhow::Result<tch::Device> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be at least 1");
+            tch::set_num_threads(n);
+        }
+        let device = self.device.resolve()?;
+        tracing::info!(?device, precision = %self.precision.effective(device), threads = tch::get_num_threads(), "compute");
+        Ok(device)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// RabbitMQ URL [env: FLOWERS_BROKER_URL, then AMQP_URL].
+    #[arg(long)]
+    broker_url: Option<String>,
+    #[arg(long, env = "FLOWERS_RUN_ID")]
+    run_id: String,
+    /// Epochs of the run (queues train.0 .. train.<N-1>), as given to the loader.
+    #[arg(long, env = "FLOWERS_EPOCHS")]
+    epochs: u32,
+    /// First epoch to train (default 0, or where --resume stopped).
+    #[arg(long)]
+    start_epoch: Option<u32>,
+    /// Pretrained weights (safetensors, e.g. from `just weights`), or `none` to train from scratch.
+    #[arg(long, env = "FLOWERS_WEIGHTS", default_value = "weights/inception_v3_tf2015.safetensors")]
+    weights: String,
+    /// Continue from a checkpoint (its model, optimizer state and position in the run).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Where latest.safetensors (+ latest.progress.json) are written after each epoch and on shutdown.
+    #[arg(long, env = "FLOWERS_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Expected image size (default: the first batch's).
+    #[arg(long)]
+    img_size: Option<u32>,
+    /// Largest batch accepted (default: any).
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Batches the broker hands over ahead of use (AMQP QoS).
+    #[arg(long, default_value_t = 3)]
+    prefetch: u16,
+    #[arg(long, default_value_t = 102)]
+    num_classes: i64,
+    #[command(flatten)]
+    hyper: HyperArgs,
+    #[command(flatten)]
+    compute: Compute,
+    /// Seed of torch's RNG (flips, dropout, the new head).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct HyperArgs {
+    /// reference (the Keras notebook) or fast (head warm-up, then lower lr for pretrained layers, cosine, label smoothing).
+    #[arg(long, default_value = "reference")]
+    recipe: Recipe,
+    /// What trains (after the fast recipe's head warm-up): reference, head or all [recipe: reference].
+    #[arg(long)]
+    trainable: Option<Policy>,
+    /// adamax, adam or sgd (momentum 0.9) [recipe: adamax].
+    #[arg(long)]
+    optimizer: Option<OptimizerKind>,
+    /// Base learning rate, the head's [recipe: 1e-2 reference, 3e-3 fast].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant, cosine or step [recipe: constant reference, cosine fast].
+    #[arg(long)]
+    lr_schedule: Option<ScheduleKind>,
+    /// Label smoothing of the training loss [recipe: 0 reference, 0.1 fast].
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// No random horizontal flips of training batches.
+    #[arg(long)]
+    no_flip: bool,
+}
+
+impl HyperArgs {
+    fn resolve(&self) -> anyhow::Result<Hyper> {
+        let overrides = Overrides {
+            policy: self.trainable,
+            optimizer: self.optimizer,
+            lr: self.lr,
+            label_smoothing: self.label_smoothing,
+            schedule: self.lr_schedule,
+            flip: self.no_flip.then_some(false),
+        };
+        Ok(Hyper::new(self.recipe, &overrides)?)
+    }
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The image archive (102flowers.tgz).
+    #[arg(long, env = "FLOWERS_DATA")]
+    data: PathBuf,
+    /// imagelabels.mat.
+    #[arg(long, env = "FLOWERS_LABELS")]
+    labels: PathBuf,
+    /// setid.mat; with --split, only that split is evaluated (default: every image).
+    #[arg(long, env = "FLOWERS_SETID")]
+    setid: Option<PathBuf>,
+    /// test, valid or train.
+    #[arg(long, default_value = "test", requires = "setid")]
+    split: String,
+    /// cat_to_name.json, for class names in the report.
+    #[arg(long)]
+    names: Option<PathBuf>,
+    #[arg(long, default_value_t = 299)]
+    img_size: u32,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Decoding threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    decode_threads: usize,
+    /// Directory for the preprocessed pixel store [default: the system temp dir].
+    #[arg(long, env = "FLOWERS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 150)]
+    img_size: u32,
+    #[arg(long, default_value = "reference")]
+    trainable: Policy,
+    #[arg(long, default_value = "adamax")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps before.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[command(flatten)]
+    compute: Compute,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
-    tracing::info!("trainer: not built yet");
+    match Cli::parse().command {
+        Command::Run(args) => run_command(*args).await,
+        Command::Evaluate(args) => {
+            tokio::task::spawn_blocking(move || evaluate_command(args)).await?
+        }
+        Command::Bench(args) => tokio::task::spawn_blocking(move || bench_command(args)).await?,
+    }
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let device = args.compute.apply()?;
+    let hyper = args.hyper.resolve()?;
+    let broker_url = args
+        .broker_url
+        .clone()
+        .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
+        .or_else(|| std::env::var("AMQP_URL").ok())
+        .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string());
+    let weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
+    let opts = RunOptions {
+        broker_url,
+        run_id: args.run_id,
+        epochs: args.epochs,
+        start_epoch: args.start_epoch,
+        prefetch: args.prefetch,
+        weights,
+        resume: args.resume,
+        checkpoint_dir: args.checkpoint_dir,
+        img_size: args.img_size,
+        batch_size: args.batch_size,
+        seed: args.seed,
+    };
+    let model = ModelOptions {
+        device,
+        precision: args.compute.precision,
+        num_classes: args.num_classes,
+        variant: flowers_model::Variant::Tf2015,
+        label_smoothing: hyper.label_smoothing,
+        flip: hyper.flip,
+        optimizer: hyper.optimizer,
+    };
+    let stop = shutdown::on_signals().context("installing signal handlers")?;
+    match run(&opts, model, &hyper, &mut Standalone, stop).await? {
+        RunOutcome::Finished(Some(m)) => println!("accuracy={:.4}", m.top1),
+        RunOutcome::Finished(None) => {}
+        RunOutcome::Interrupted { epoch, stage } => {
+            tracing::info!(epoch, ?stage, "interrupted; resume with --resume <checkpoint-dir>/latest.safetensors")
+        }
+    }
+    Ok(())
+}
+
+fn evaluate_command(args: EvaluateArgs) -> anyhow::Result<()> {
+    let device = args.compute.apply()?;
+    let split = match &args.setid {
+        Some(setid) => Some((setid.clone(), parse_split(&args.split)?)),
+        None => None,
+    };
+    let opts = EvaluateOptions {
+        checkpoint: args.checkpoint,
+        data: args.data,
+        labels: args.labels,
+        split,
+        class_names: args.names,
+        img_size: args.img_size,
+        batch_size: args.batch_size,
+        threads: args.decode_threads,
+        cache_dir: args.cache_dir.unwrap_or_else(std::env::temp_dir),
+        device,
+        precision: args.compute.precision,
+    };
+    println!("{}", evaluate(&opts)?.report);
+    Ok(())
+}
+
+fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
+    let device = args.compute.apply()?;
+    let opts = BenchOptions {
+        device,
+        precision: args.compute.precision,
+        batch_size: args.batch_size,
+        img_size: args.img_size,
+        policy: args.trainable,
+        optimizer: args.optimizer,
+        lr: args.lr,
+        warmup: args.warmup,
+        steps: args.steps,
+        seed: 0,
+    };
+    let r = bench(&opts)?;
+    println!(
+        "device={device:?} precision={} threads={} batch_size={} img_size={} trainable={} optimizer={} steps={}",
+        args.compute.precision.effective(device),
+        tch::get_num_threads(),
+        args.batch_size,
+        args.img_size,
+        args.trainable,
+        args.optimizer,
+        r.steps
+    );
+    println!("step_ms={:.1}", r.step_ms());
+    println!("images_per_s={:.2}", r.images_per_sec());
+    Ok(())
 }

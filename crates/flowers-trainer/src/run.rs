@@ -1,0 +1,670 @@
+//! The consuming loop of `trainer run`: per epoch E, train on `train.E`, then validate on
+//! `val.E`, then E+1. A batch is acked only after the step (or evaluation) that used it, so a
+//! trainer that dies loses no batch: the broker redelivers whatever was unacked.
+//!
+//! Where the loop needs a decision that a coordinator would make (is this stage over, sync
+//! before validation, who validates, where metrics go), it asks a [`Coordination`];
+//! [`Standalone`] makes them alone.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flowers_broker::{
+    connect_with_backoff, declare_run_topology, message_count, train_queue, val_queue,
+    validate_run_id, Backoff, Connection, Consumer, Delivery,
+};
+use flowers_wire::{describe, Batch, Dims, Split};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::metrics::{EvalMetrics, EvalTally, StepMetrics};
+use crate::recipe::Hyper;
+use crate::shutdown;
+use crate::state::{BatchView, ModelOptions, TrainState};
+use crate::worker::Worker;
+use crate::TrainError;
+
+/// How long one wait for a message lasts before the loop asks again whether the stage is over.
+const POLL: Duration = Duration::from_secs(2);
+/// How often a trainer waiting for batches says so.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The two stages of an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    Train,
+    Validate,
+}
+
+/// Where a trainer stands in an epoch: what it has used of the stage's queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochProgress {
+    pub epoch: u32,
+    pub stage: Stage,
+    /// Batch indices of the stage used (trained or evaluated) and acked.
+    pub done: BTreeSet<u32>,
+    /// `batches_in_epoch` of the stage, from its messages.
+    pub batches_in_epoch: Option<u32>,
+    /// Validation counts so far (validate stage only).
+    pub tally: Option<EvalTally>,
+}
+
+impl EpochProgress {
+    pub fn new(epoch: u32, stage: Stage) -> Self {
+        Self {
+            epoch,
+            stage,
+            done: BTreeSet::new(),
+            batches_in_epoch: None,
+            tally: None,
+        }
+    }
+
+    /// Every batch of the stage has been used by this trainer.
+    pub fn is_complete(&self) -> bool {
+        matches!(self.batches_in_epoch, Some(n) if self.done.len() >= n as usize)
+    }
+
+    pub fn queue(&self, run_id: &str) -> String {
+        match self.stage {
+            Stage::Train => train_queue(run_id, self.epoch),
+            Stage::Validate => val_queue(run_id, self.epoch),
+        }
+    }
+
+    fn split(&self) -> Split {
+        match self.stage {
+            Stage::Train => Split::Train,
+            Stage::Validate => Split::Validation,
+        }
+    }
+}
+
+/// What [`Coordination::stage_done`] is asked with.
+pub struct StageContext<'a> {
+    pub run_id: &'a str,
+    pub progress: &'a EpochProgress,
+    /// The last epoch of the run.
+    pub last_epoch: u32,
+    /// No message arrived for a poll interval.
+    pub idle: bool,
+    /// The trainer's broker connection, e.g. to look at queue lengths.
+    pub conn: &'a Connection,
+}
+
+/// The decisions a coordinator takes over from a standalone trainer.
+pub trait Coordination {
+    /// Whether the current stage is over for this trainer. Asked before every wait for a
+    /// message and after every poll interval without one.
+    fn stage_done(&mut self, ctx: StageContext<'_>) -> impl Future<Output = Result<bool, TrainError>> + Send;
+
+    /// Called after every optimizer step (the batch is acked already).
+    fn step_done(&mut self, metrics: &StepMetrics) -> impl Future<Output = Result<(), TrainError>> + Send;
+
+    /// Between training and validation of `epoch`: the sync point, e.g. for averaging the
+    /// model across workers (through `worker.call(|state| ..)`).
+    fn before_validation(
+        &mut self,
+        epoch: u32,
+        worker: &Worker<TrainState>,
+    ) -> impl Future<Output = Result<(), TrainError>> + Send;
+
+    /// Whether this trainer validates `epoch` at all.
+    fn should_validate(&mut self, epoch: u32) -> impl Future<Output = Result<bool, TrainError>> + Send;
+
+    /// The finished validation of an epoch.
+    fn validation_done(&mut self, metrics: &EvalMetrics) -> impl Future<Output = Result<(), TrainError>> + Send;
+}
+
+/// A trainer alone on the run: a stage ends when it has used `batches_in_epoch` distinct batches.
+#[derive(Debug, Default)]
+pub struct Standalone;
+
+impl Coordination for Standalone {
+    async fn stage_done(&mut self, ctx: StageContext<'_>) -> Result<bool, TrainError> {
+        let p = ctx.progress;
+        if p.is_complete() {
+            return Ok(true);
+        }
+        if !ctx.idle {
+            return Ok(false);
+        }
+        // The loader fills each queue completely before it starts the next one. So once this
+        // queue is drained and the next one holds messages, nothing more will come: the missing
+        // batches were acked by a trainer that died after its last checkpoint.
+        let next = match p.stage {
+            Stage::Train => Some(val_queue(ctx.run_id, p.epoch)),
+            Stage::Validate if p.epoch < ctx.last_epoch => Some(train_queue(ctx.run_id, p.epoch + 1)),
+            Stage::Validate => None,
+        };
+        let Some(next) = next else { return Ok(false) };
+        if message_count(ctx.conn, &next).await?.unwrap_or(0) == 0 {
+            return Ok(false);
+        }
+        warn!(
+            queue = %p.queue(ctx.run_id),
+            used = p.done.len(),
+            expected = ?p.batches_in_epoch,
+            "queue drained before every batch was seen (the rest were acked by an earlier trainer); moving on"
+        );
+        Ok(true)
+    }
+
+    async fn step_done(&mut self, _: &StepMetrics) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    async fn before_validation(&mut self, _: u32, _: &Worker<TrainState>) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    async fn should_validate(&mut self, _: u32) -> Result<bool, TrainError> {
+        Ok(true)
+    }
+
+    async fn validation_done(&mut self, _: &EvalMetrics) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// Options of `trainer run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub broker_url: String,
+    pub run_id: String,
+    /// Epochs in the run: queues `train.0` .. `train.<epochs-1>`.
+    pub epochs: u32,
+    /// First epoch to train; default 0, or where `resume` stopped.
+    pub start_epoch: Option<u32>,
+    /// Unacked messages the broker may hand this trainer ahead of use.
+    pub prefetch: u16,
+    /// Pretrained weights (`None`: from scratch).
+    pub weights: Option<PathBuf>,
+    /// A checkpoint to continue from (overrides `weights`).
+    pub resume: Option<PathBuf>,
+    /// Where `latest.safetensors` (+ `latest.progress.json`) go after every epoch and at
+    /// shutdown; `None`: no checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Expected image size; `None` takes the first batch's.
+    pub img_size: Option<u32>,
+    /// Largest batch accepted; `None` accepts any.
+    pub batch_size: Option<u32>,
+    /// Seed of torch's RNG (flips, dropout).
+    pub seed: u64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// Every epoch trained (and validated where asked); the last validation, if any.
+    Finished(Option<EvalMetrics>),
+    /// Stopped by a signal after the batch in hand; a checkpoint was saved if configured.
+    Interrupted { epoch: u32, stage: Stage },
+}
+
+/// The position saved next to a checkpoint (`<name>.progress.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedProgress {
+    run_id: String,
+    /// The checkpoint's step, to catch a progress file that belongs to another checkpoint.
+    step: u64,
+    img_size: Option<u32>,
+    progress: EpochProgress,
+}
+
+fn progress_path(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("progress.json")
+}
+
+fn read_progress(checkpoint: &Path) -> Result<Option<SavedProgress>, TrainError> {
+    let path = progress_path(checkpoint);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(TrainError::io(&path, e)),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| TrainError::File {
+        path: path.clone(),
+        message: format!("not a trainer progress file: {e}"),
+    })
+}
+
+enum StageEnd {
+    Complete,
+    Interrupted,
+}
+
+/// Sums over the steps of one training stage, for the epoch's log line.
+#[derive(Default)]
+struct StageTotals {
+    images: u64,
+    loss_sum: f64,
+    correct: u64,
+    step_secs: f64,
+    wait_secs: f64,
+}
+
+struct Runner<'a, C> {
+    opts: &'a RunOptions,
+    hyper: &'a Hyper,
+    coord: &'a mut C,
+    conn: Connection,
+    worker: Worker<TrainState>,
+    shutdown: watch::Receiver<bool>,
+    num_classes: u32,
+    img_size: Option<u32>,
+    last_eval: Option<EvalMetrics>,
+}
+
+/// Trains the run's epochs from the broker until done or shut down (see the module docs).
+pub async fn run<C: Coordination>(
+    opts: &RunOptions,
+    model: ModelOptions,
+    hyper: &Hyper,
+    coord: &mut C,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunOutcome, TrainError> {
+    validate_run_id(&opts.run_id)?;
+    if opts.epochs == 0 {
+        return Err(TrainError::Usage("--epochs must be at least 1".into()));
+    }
+    let saved = match &opts.resume {
+        Some(c) => read_progress(c)?,
+        None => None,
+    };
+    let saved = match saved {
+        Some(s) if s.run_id != opts.run_id => {
+            warn!(saved_run = %s.run_id, "the checkpoint's progress belongs to another run: ignoring it");
+            None
+        }
+        other => other,
+    };
+    let num_classes = u32::try_from(model.num_classes)
+        .map_err(|_| TrainError::Usage(format!("bad class count {}", model.num_classes)))?;
+
+    // The first phase decides the model's policy; a resumed model switches if it differs.
+    let start_hint = opts
+        .start_epoch
+        .or(saved.as_ref().map(|s| s.progress.epoch))
+        .unwrap_or(0);
+    let phase = hyper.phase(start_hint, opts.epochs);
+    if opts.resume.is_none() && opts.weights.is_none() {
+        warn!("no pretrained weights (--weights none): training from scratch, accuracy will be poor");
+    }
+    let (resume, weights, seed) = (opts.resume.clone(), opts.weights.clone(), opts.seed);
+    let worker = Worker::spawn("trainer-torch", move || {
+        tch::manual_seed(seed as i64);
+        match &resume {
+            Some(c) => TrainState::resume(model, phase.backbone_lr_scale, c),
+            None => TrainState::new(model, phase.policy, phase.backbone_lr_scale, weights.as_deref()),
+        }
+    })
+    .await?;
+    let (step, meta) = worker.call(|st| (st.step, st.resumed_from().cloned())).await?;
+
+    let mut progress = match (opts.start_epoch, saved, &meta) {
+        (Some(e), _, _) => EpochProgress::new(e, Stage::Train),
+        (None, Some(s), _) => {
+            if s.step != step {
+                let checkpoint = opts.resume.as_deref().expect("saved progress comes with --resume");
+                return Err(TrainError::File {
+                    path: progress_path(checkpoint),
+                    message: format!("progress is for step {}, the checkpoint is at step {step}", s.step),
+                });
+            }
+            s.progress
+        }
+        (None, None, Some(m)) => EpochProgress::new(m.epoch as u32, Stage::Train),
+        (None, None, None) => EpochProgress::new(0, Stage::Train),
+    };
+    if progress.epoch >= opts.epochs {
+        return Err(TrainError::Usage(format!(
+            "start epoch {} is not below --epochs {}",
+            progress.epoch, opts.epochs
+        )));
+    }
+    let img_size = opts.img_size.or_else(|| {
+        meta.as_ref()
+            .and_then(|m| u32::try_from(m.img_size).ok())
+            .filter(|&s| s > 0)
+    });
+
+    let conn = connect_with_backoff(
+        &opts.broker_url,
+        &format!("flowers trainer {}", opts.run_id),
+        &Backoff::default(),
+    )
+    .await?;
+    // Declaring is idempotent and lets a trainer start before the loader.
+    let channel = conn.create_channel().await.map_err(|e| {
+        TrainError::Data(format!("opening a channel to declare run {}: {e}", opts.run_id))
+    })?;
+    declare_run_topology(&channel, &opts.run_id, opts.epochs).await?;
+    let _ = channel.close(200, "OK".into()).await;
+    if opts.checkpoint_dir.is_none() {
+        warn!("no --checkpoint-dir: nothing will be saved");
+    }
+    info!(
+        run = %opts.run_id, epoch = progress.epoch, stage = ?progress.stage, epochs = opts.epochs,
+        recipe = %hyper.recipe, prefetch = opts.prefetch, step, "trainer started"
+    );
+
+    let mut runner = Runner {
+        opts,
+        hyper,
+        coord,
+        conn,
+        worker,
+        shutdown,
+        num_classes,
+        img_size,
+        last_eval: None,
+    };
+    let outcome = match runner.epochs(&mut progress).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Everything acked is in the model: saving keeps the two consistent for --resume.
+            if let Err(save) = runner.save(&progress).await {
+                error!(error = %save, "could not save a checkpoint after the error");
+            }
+            return Err(e);
+        }
+    };
+    if let Err(e) = runner.conn.close(200, "OK".into()).await {
+        warn!(error = %e, "closing the broker connection");
+    }
+    Ok(outcome)
+}
+
+impl<C: Coordination> Runner<'_, C> {
+    async fn epochs(&mut self, progress: &mut EpochProgress) -> Result<RunOutcome, TrainError> {
+        while progress.epoch < self.opts.epochs {
+            let epoch = progress.epoch;
+            let phase = self.hyper.phase(epoch, self.opts.epochs);
+            self.worker
+                .call(move |st| st.set_phase(phase.policy, phase.backbone_lr_scale))
+                .await??;
+            if progress.stage == Stage::Train {
+                if let StageEnd::Interrupted = self.stage(progress).await? {
+                    return self.interrupted(progress).await;
+                }
+                self.coord.before_validation(epoch, &self.worker).await?;
+                *progress = EpochProgress::new(epoch, Stage::Validate);
+            }
+            if self.coord.should_validate(epoch).await? {
+                if let StageEnd::Interrupted = self.stage(progress).await? {
+                    return self.interrupted(progress).await;
+                }
+                let tally = progress.tally.take().unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+                let metrics = tally.summary(epoch);
+                info!(%metrics, "validated");
+                self.coord.validation_done(&metrics).await?;
+                self.last_eval = Some(metrics);
+            }
+            *progress = EpochProgress::new(epoch + 1, Stage::Train);
+            self.save(progress).await?;
+        }
+        Ok(RunOutcome::Finished(self.last_eval.clone()))
+    }
+
+    async fn interrupted(&mut self, progress: &EpochProgress) -> Result<RunOutcome, TrainError> {
+        self.save(progress).await?;
+        info!(epoch = progress.epoch, stage = ?progress.stage, "stopped on request");
+        Ok(RunOutcome::Interrupted {
+            epoch: progress.epoch,
+            stage: progress.stage,
+        })
+    }
+
+    /// Writes `latest.safetensors` and its progress file into the checkpoint directory.
+    async fn save(&self, progress: &EpochProgress) -> Result<(), TrainError> {
+        let Some(dir) = &self.opts.checkpoint_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        let path = dir.join("latest.safetensors");
+        let (epochs_done, img_size) = (progress.epoch, self.img_size.map_or(0, i64::from));
+        let save_path = path.clone();
+        let step = self
+            .worker
+            .call(move |st| st.save(&save_path, epochs_done, img_size).map(|()| st.step))
+            .await??;
+        let saved = SavedProgress {
+            run_id: self.opts.run_id.clone(),
+            step,
+            img_size: self.img_size,
+            progress: progress.clone(),
+        };
+        let json = serde_json::to_string(&saved).expect("progress serialises");
+        let final_path = progress_path(&path);
+        let tmp = final_path.with_extension("json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &final_path).map_err(|e| TrainError::io(&final_path, e))?;
+        info!(checkpoint = %path.display(), step, epoch = progress.epoch, stage = ?progress.stage, "checkpoint saved");
+        Ok(())
+    }
+
+    /// Why `batch` cannot be used at this point of the run, if it cannot.
+    fn misfit(&mut self, batch: &Batch, progress: &EpochProgress) -> Option<String> {
+        if batch.run_id != self.opts.run_id {
+            return Some(format!("it belongs to run {:?}", batch.run_id));
+        }
+        if batch.split != progress.split() as i32 || batch.epoch != progress.epoch {
+            return Some(format!(
+                "the queue {} holds {:?} batches of epoch {} only",
+                progress.queue(&self.opts.run_id),
+                progress.split(),
+                progress.epoch
+            ));
+        }
+        if batch.num_classes != self.num_classes {
+            return Some(format!("it has {} classes, the model {}", batch.num_classes, self.num_classes));
+        }
+        if batch.batch_index >= batch.batches_in_epoch {
+            return Some("its batch index is not below batches_in_epoch".into());
+        }
+        if let Some(n) = progress.batches_in_epoch.filter(|&n| n != batch.batches_in_epoch) {
+            return Some(format!("earlier batches of the stage said {n} batches_in_epoch"));
+        }
+        let dims = Dims::of(batch).ok()?;
+        match self.img_size {
+            Some(s) if dims.height != s as usize || dims.width != s as usize => {
+                return Some(format!("its images are {}x{}, the run's {s}x{s}", dims.height, dims.width))
+            }
+            Some(_) => {}
+            None if dims.height != dims.width => {
+                return Some(format!("its images are {}x{}, not square", dims.height, dims.width))
+            }
+            None => self.img_size = Some(dims.height as u32),
+        }
+        match self.opts.batch_size {
+            Some(b) if dims.n > b as usize => Some(format!("it has {} images, more than --batch-size {b}", dims.n)),
+            _ => None,
+        }
+    }
+
+    /// Consumes the stage's queue until the coordination says the stage is over.
+    async fn stage(&mut self, progress: &mut EpochProgress) -> Result<StageEnd, TrainError> {
+        let queue = progress.queue(&self.opts.run_id);
+        let mut consumer = Consumer::open(&self.conn, &queue, self.opts.prefetch).await?;
+        let mut totals = StageTotals::default();
+        let started = Instant::now();
+        let mut wait_started = Instant::now();
+        let mut last_waiting_log = Instant::now();
+        let mut idle = false;
+        let end = loop {
+            let ctx = StageContext {
+                run_id: &self.opts.run_id,
+                progress,
+                last_epoch: self.opts.epochs - 1,
+                idle,
+                conn: &self.conn,
+            };
+            if self.coord.stage_done(ctx).await? {
+                break StageEnd::Complete;
+            }
+            let next = tokio::select! {
+                biased;
+                () = shutdown::requested(&mut self.shutdown) => break StageEnd::Interrupted,
+                next = consumer.next(POLL) => next?,
+            };
+            let Some(mut delivery) = next else {
+                idle = true;
+                if last_waiting_log.elapsed() >= WAITING_LOG_EVERY {
+                    info!(%queue, used = progress.done.len(), expected = ?progress.batches_in_epoch, "waiting for batches");
+                    last_waiting_log = Instant::now();
+                }
+                continue;
+            };
+            idle = false;
+            let data_wait = wait_started.elapsed().as_secs_f64();
+            if let Some(reason) = self.misfit(&delivery.batch, progress) {
+                error!(%queue, batch = %describe(&delivery.batch), %reason, "unusable batch: dead-lettering it");
+                delivery.reject().await?;
+                continue;
+            }
+            let index = delivery.batch.batch_index;
+            if progress.done.contains(&index) {
+                warn!(%queue, batch = %describe(&delivery.batch), "batch already used (redelivered duplicate): acking it without use");
+                delivery.ack().await?;
+                continue;
+            }
+            let batches_in_epoch = delivery.batch.batches_in_epoch;
+            match progress.stage {
+                Stage::Train => {
+                    let metrics = self.train(&mut delivery, progress, data_wait).await?;
+                    totals.images += metrics.images as u64;
+                    totals.loss_sum += metrics.loss * metrics.images as f64;
+                    totals.correct += (metrics.accuracy * metrics.images as f64).round() as u64;
+                    totals.step_secs += metrics.step_secs;
+                    totals.wait_secs += data_wait;
+                    progress.done.insert(index);
+                    progress.batches_in_epoch = Some(batches_in_epoch);
+                    info!(%metrics, "step");
+                    self.coord.step_done(&metrics).await?;
+                }
+                Stage::Validate => {
+                    self.validate(&mut delivery, progress).await?;
+                    progress.done.insert(index);
+                    progress.batches_in_epoch = Some(batches_in_epoch);
+                }
+            }
+            wait_started = Instant::now();
+        };
+        if consumer.rejected() > 0 {
+            warn!(%queue, rejected = consumer.rejected(), "malformed messages went to the dead-letter queue");
+        }
+        // Closing hands back whatever was prefetched and not used.
+        consumer.close().await?;
+        if progress.stage == Stage::Train && totals.images > 0 {
+            let n = totals.images as f64;
+            info!(
+                epoch = progress.epoch,
+                batches = progress.done.len(),
+                images = totals.images,
+                loss = format!("{:.4}", totals.loss_sum / n),
+                acc = format!("{:.3}", totals.correct as f64 / n),
+                images_per_s = format!("{:.1}", n / totals.step_secs.max(1e-9)),
+                data_wait_s = format!("{:.1}", totals.wait_secs),
+                wall_s = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "epoch trained"
+            );
+        }
+        Ok(end)
+    }
+
+    /// One optimizer step on the delivery's batch, then its ack. A failed step hands the batch
+    /// back to the queue.
+    async fn train(
+        &mut self,
+        delivery: &mut Delivery,
+        progress: &EpochProgress,
+        data_wait_secs: f64,
+    ) -> Result<StepMetrics, TrainError> {
+        let batch = &mut delivery.batch;
+        let phase = self.hyper.phase(progress.epoch, self.opts.epochs);
+        let lr = phase.lr_at(progress.epoch, progress.done.len() as u32, batch.batches_in_epoch);
+        let pixels = std::mem::take(&mut batch.pixels);
+        let labels = batch.labels.clone();
+        let shape = shape_of(batch);
+        let result = self
+            .worker
+            .call(move |st| {
+                let view = BatchView {
+                    pixels: &pixels,
+                    shape,
+                    labels: &labels,
+                };
+                st.train_step(view, lr).map(|o| (o, st.step))
+            })
+            .await
+            .map_err(TrainError::from)
+            .and_then(|r| r);
+        let (outcome, step) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = delivery.requeue().await;
+                return Err(e);
+            }
+        };
+        delivery.ack().await?;
+        Ok(StepMetrics {
+            epoch: progress.epoch,
+            step,
+            batch_index: delivery.batch.batch_index,
+            images: outcome.images,
+            loss: outcome.loss,
+            accuracy: outcome.correct as f64 / outcome.images.max(1) as f64,
+            lr,
+            data_wait_secs,
+            step_secs: outcome.secs,
+        })
+    }
+
+    /// Adds the delivery's batch to the stage's tally, then acks it.
+    async fn validate(&mut self, delivery: &mut Delivery, progress: &mut EpochProgress) -> Result<(), TrainError> {
+        let batch = &mut delivery.batch;
+        let pixels = std::mem::take(&mut batch.pixels);
+        let labels = batch.labels.clone();
+        let shape = shape_of(batch);
+        let mut tally = progress
+            .tally
+            .take()
+            .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+        let result = self
+            .worker
+            .call(move |st| {
+                let view = BatchView {
+                    pixels: &pixels,
+                    shape,
+                    labels: &labels,
+                };
+                let r = st.evaluate(view, &mut tally);
+                (tally, r)
+            })
+            .await;
+        let (tally, r) = match result {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = delivery.requeue().await;
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = r {
+            let _ = delivery.requeue().await;
+            return Err(e);
+        }
+        progress.tally = Some(tally);
+        delivery.ack().await?;
+        Ok(())
+    }
+}
+
+/// `[N, H, W, 3]` of a verified batch.
+fn shape_of(batch: &Batch) -> [i64; 4] {
+    let s = &batch.shape;
+    [s[0], s[1], s[2], s[3]].map(i64::from)
+}
