@@ -5,7 +5,9 @@ use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::tarwriter::write_archive;
 use flowers_wire::{build_batch, Batch, BatchHeader, Split};
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +17,33 @@ use tokio::task::JoinHandle;
 pub fn broker_url() -> String {
     std::env::var("FLOWERS_BROKER_URL")
         .or_else(|_| std::env::var("AMQP_URL"))
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+        .unwrap_or_else(|_| flowers_broker::DEFAULT_BROKER_URL.to_string())
+}
+
+/// The `loader` binary of this workspace, built (or brought up to date) on
+/// first use, so the tests never run a stale one.
+pub fn loader_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "loader", "--bin", "loader"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build -p loader failed");
+            // Test executables live in target/<profile>/deps; binaries one level up.
+            let exe = std::env::current_exe().expect("test executable path");
+            let bin = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("target dir")
+                .join("loader");
+            assert!(bin.exists(), "{} missing after the build", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// A run id no other test (or test process) uses: `<prefix>-<pid>-<time>-<n>`.

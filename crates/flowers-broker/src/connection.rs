@@ -6,6 +6,9 @@ use lapin::{Connection, ConnectionProperties};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
+/// The local broker of the development setup (guest/guest, vhost `/`).
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Exponential backoff between connection attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {

@@ -56,7 +56,7 @@ pub mod names;
 mod publisher;
 mod topology;
 
-pub use connection::{connect, connect_with_backoff, Backoff};
+pub use connection::{connect, connect_with_backoff, Backoff, DEFAULT_BROKER_URL};
 pub use consumer::{Consumer, Delivery};
 pub use error::{redact_url, BrokerError};
 pub use lapin::Connection;

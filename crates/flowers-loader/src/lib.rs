@@ -1,4 +1,18 @@
 //! The loader pipeline: epoch plans, parallel preprocessing, publishing and its benchmark.
+//!
+//! [`run`] does a whole run from a [`LoaderConfig`]: [`prepare`] (read the
+//! labels, decode the archive once into a disk-backed pixel store, split),
+//! then [`Prepared::publish`] (declare the run's queues; per epoch publish the
+//! shuffled training batches to `train.E`, then the validation batches to
+//! `val.E`, each confirmed by the broker). Between the two, a caller can
+//! register the run with the coordinator using [`Prepared::run_config`].
 
 pub mod bench;
+mod pipeline;
+pub mod plan;
 pub mod preprocess;
+
+pub use pipeline::{
+    log_prepared, prepare, publish_bench, run, Assembler, EpochSummary, LoaderConfig, LoaderError,
+    Prepared, PublishBenchReport, RunSummary,
+};

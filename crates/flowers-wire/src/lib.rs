@@ -308,7 +308,8 @@ mod tests {
 
     #[test]
     fn inconsistent_shapes_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Batch)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Batch)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("3 dimensions", Box::new(|b| b.shape.truncate(3))),
             ("4 channels", Box::new(|b| b.shape[3] = 4)),
             ("needs 54", Box::new(|b| b.shape[0] = 3)),

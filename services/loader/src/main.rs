@@ -1,4 +1,269 @@
-fn main() {
+//! Loader service: reads the flowers archive and publishes preprocessed batches to RabbitMQ.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flowers_broker::{PublisherOptions, DEFAULT_BROKER_URL};
+use flowers_dataset::{Labels, SetName, SplitStrategy};
+use flowers_loader::bench::decode_bench;
+use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
+use flowers_loader::{log_prepared, prepare, publish_bench, LoaderConfig, RunSummary};
+use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
+use std::path::PathBuf;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "loader",
+    version,
+    about = "Preprocesses the Oxford 102 Flowers archive and publishes uint8 NHWC batches to RabbitMQ"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Preprocess once, then publish every epoch's training and validation batches.
+    #[command(alias = "publish")]
+    Run(RunArgs),
+    /// Time decoding (and, with --publish, confirmed publishing).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct Input {
+    /// The image archive (102flowers.tgz or a .tar).
+    #[arg(long, env = "FLOWERS_DATA")]
+    data: PathBuf,
+    /// imagelabels.mat.
+    #[arg(long, env = "FLOWERS_LABELS")]
+    labels: PathBuf,
+    /// Output image side.
+    #[arg(long, default_value_t = 299)]
+    img_size: u32,
+    /// Decoding threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Only the first N images of the archive.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Images per batch (the last of a split may be short).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// RabbitMQ URL [env: FLOWERS_BROKER_URL, then AMQP_URL].
+    #[arg(long)]
+    broker_url: Option<String>,
+    /// Largest encoded batch message; larger batches are refused before publishing.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Directory for the preprocessed pixel store (img_size^2 * 3 bytes per image).
+    #[arg(long, env = "FLOWERS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl Input {
+    fn preprocess(&self) -> PreprocessOptions {
+        PreprocessOptions {
+            img_size: self.img_size,
+            threads: self.threads,
+            limit: self.limit,
+        }
+    }
+
+    fn broker_url(&self) -> String {
+        self.broker_url
+            .clone()
+            .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
+            .or_else(|| std::env::var("AMQP_URL").ok())
+            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string())
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitKind {
+    /// Per class, --val-fraction of the images validate (chosen from --seed).
+    Stratified,
+    /// setid.mat's lists: --train-sets train, --val-sets validate.
+    Official,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    input: Input,
+    /// setid.mat (needed by --split official).
+    #[arg(long, env = "FLOWERS_SETID")]
+    setid: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "stratified")]
+    split: SplitKind,
+    /// Fraction of each class that validates (stratified split).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// setid.mat lists that train (official split).
+    #[arg(long, value_delimiter = ',', default_value = "trnid")]
+    train_sets: Vec<SetName>,
+    /// setid.mat lists that validate (official split).
+    #[arg(long, value_delimiter = ',', default_value = "valid")]
+    val_sets: Vec<SetName>,
+    #[arg(long, env = "FLOWERS_EPOCHS")]
+    epochs: u32,
+    /// Seed of the split and of every epoch's training order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Names the run's queues (flowers.<run-id>.train.<epoch>, ...); generated when absent.
+    #[arg(long, env = "FLOWERS_RUN_ID")]
+    run_id: Option<String>,
+    /// Most unconsumed batches across the run's queues; publishing waits beyond it.
+    #[arg(long, default_value_t = 64)]
+    max_queued_batches: u32,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    input: Input,
+    /// Also publish the batches to a throwaway run (deleted afterwards) and time it.
+    #[arg(long)]
+    publish: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
-    tracing::info!("loader: not built yet");
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Bench(args) => bench(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let split = match args.split {
+        SplitKind::Stratified => SplitStrategy::Stratified {
+            val_fraction: args.val_fraction,
+            seed: args.seed,
+        },
+        SplitKind::Official => {
+            anyhow::ensure!(
+                args.setid.is_some(),
+                "--split official needs --setid setid.mat"
+            );
+            SplitStrategy::Official {
+                train: args.train_sets,
+                validate: args.val_sets,
+            }
+        }
+    };
+    let run_id = args.run_id.unwrap_or_else(generated_run_id);
+    let cfg = LoaderConfig {
+        data: args.input.data.clone(),
+        labels: args.input.labels.clone(),
+        setid: args.setid,
+        split,
+        preprocess: args.input.preprocess(),
+        batch_size: args.input.batch_size,
+        epochs: args.epochs,
+        seed: args.seed,
+        run_id,
+        broker_url: args.input.broker_url(),
+        publisher: PublisherOptions {
+            max_queued_batches: args.max_queued_batches,
+            max_message_bytes: args.input.max_message_bytes,
+            ..Default::default()
+        },
+        cache_dir: args.input.cache_dir(),
+    };
+    // Scripts start trainers on this run's queues.
+    println!("run_id={}", cfg.run_id);
+    let prepared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg)).await??
+    };
+    log_prepared(&prepared);
+    // Hook: registering the run with the coordinator (RegisterRun with
+    // prepared.run_config(&cfg)) belongs here, before the first batch.
+    let summary = prepared.publish(&cfg).await?;
+    log_summary(&summary);
+    Ok(())
+}
+
+fn log_summary(s: &RunSummary) {
+    let skipped: Vec<&str> = s.skipped.iter().map(|k| k.file_name.as_str()).collect();
+    let per_epoch: Vec<String> = s
+        .epochs
+        .iter()
+        .map(|e| format!("{}:{}+{}", e.epoch, e.train_batches, e.val_batches))
+        .collect();
+    info!(
+        run_id = %s.run_id,
+        images = s.images,
+        skipped = s.skipped.len(),
+        skipped_files = ?skipped,
+        confirmed_batches_train_plus_val_per_epoch = %per_epoch.join(" "),
+        mb_published = s.payload_bytes as f64 / 1e6,
+        reconnects = s.reconnects,
+        preprocess_seconds = s.preprocess_seconds,
+        publish_seconds = s.publish_seconds,
+        "loader finished"
+    );
+}
+
+fn generated_run_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("run-{secs}-{}", std::process::id())
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let input = &args.input;
+    let labels = Labels::from_mat_file(&input.labels)?;
+    let opts = input.preprocess();
+    let report = {
+        let (data, labels, opts) = (input.data.clone(), labels.clone(), opts.clone());
+        tokio::task::spawn_blocking(move || decode_bench(&data, &labels, &opts)).await??
+    };
+    println!(
+        "images={} skipped={} img_size={} threads={} seconds={:.3}",
+        report.images, report.skipped, opts.img_size, opts.threads, report.seconds
+    );
+    println!("images_per_s={:.1}", report.images_per_s);
+    if !args.publish {
+        return Ok(());
+    }
+    let pre = {
+        let (data, labels, opts, cache) = (
+            input.data.clone(),
+            labels.clone(),
+            opts.clone(),
+            input.cache_dir(),
+        );
+        tokio::task::spawn_blocking(move || preprocess_archive(&data, &labels, &opts, &cache))
+            .await??
+    };
+    let run_id = format!("bench-{}", generated_run_id());
+    let report = publish_bench(
+        &input.broker_url(),
+        &run_id,
+        pre.store,
+        &pre.images,
+        labels.num_classes(),
+        input.batch_size,
+        input.max_message_bytes,
+    )
+    .await
+    .context("publish benchmark")?;
+    println!(
+        "batches={} payload_mb={:.1} publish_seconds={:.3}",
+        report.batches,
+        report.payload_bytes as f64 / 1e6,
+        report.seconds
+    );
+    println!("publish_mb_per_s={:.1}", report.mb_per_s);
+    Ok(())
 }

@@ -1,0 +1,410 @@
+//! The loader run: preprocess once, split, then publish every epoch's batches.
+
+use crate::plan::{EpochPlanner, PlannedBatch};
+use crate::preprocess::{
+    preprocess_archive, ImageInfo, PixelStore, PreprocessError, PreprocessOptions, Skipped,
+};
+use flowers_broker::{connect, delete_run_queues, BrokerError, Publisher, PublisherOptions};
+use flowers_dataset::{split_images, DatasetError, Labels, SetIds, SplitStrategy};
+use flowers_proto::v1::RunConfig;
+use flowers_wire::{build_batch, encode_batch, Batch, WireError};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::info;
+
+/// Batches assembled ahead of the publisher: enough to hide a slow read,
+/// few enough to keep memory small (~9 MB each at 32 x 299 x 299).
+const ASSEMBLED_AHEAD: usize = 3;
+
+/// Everything a loader run needs.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// `102flowers.tgz` (or `.tar`).
+    pub data: PathBuf,
+    /// `imagelabels.mat`.
+    pub labels: PathBuf,
+    /// `setid.mat`; needed for [`SplitStrategy::Official`].
+    pub setid: Option<PathBuf>,
+    pub split: SplitStrategy,
+    pub preprocess: PreprocessOptions,
+    pub batch_size: usize,
+    pub epochs: u32,
+    /// Seed of the per-epoch training order.
+    pub seed: u64,
+    pub run_id: String,
+    pub broker_url: String,
+    pub publisher: PublisherOptions,
+    /// Where the preprocessed pixel store lives while the loader runs.
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    // Boxed: broker errors are large and rare.
+    #[error(transparent)]
+    Broker(Box<BrokerError>),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("invalid loader configuration: {0}")]
+    Config(String),
+    #[error("{archive}: no training images after the split ({images} decodable images)")]
+    NoTrainingImages { archive: PathBuf, images: usize },
+    #[error("batch assembly stopped: {0}")]
+    Assembly(String),
+}
+
+impl From<BrokerError> for LoaderError {
+    fn from(error: BrokerError) -> Self {
+        LoaderError::Broker(Box::new(error))
+    }
+}
+
+/// Reads batches' pixels back from the store.
+#[derive(Debug)]
+pub struct Assembler {
+    store: PixelStore,
+    /// Image number -> (archive member name, 0-based label).
+    images: HashMap<u32, (String, u32)>,
+}
+
+impl Assembler {
+    pub fn new(store: PixelStore, images: &[ImageInfo]) -> Self {
+        let images = images
+            .iter()
+            .map(|i| (i.number, (i.file_name.clone(), i.label)))
+            .collect();
+        Assembler { store, images }
+    }
+
+    /// The batch `planned` describes, pixels read from the store.
+    pub fn assemble(&self, planned: &PlannedBatch) -> Result<Batch, LoaderError> {
+        let image_bytes = self.store.image_bytes();
+        let mut pixels = vec![0u8; image_bytes * planned.images.len()];
+        let mut names = Vec::with_capacity(planned.images.len());
+        let mut labels = Vec::with_capacity(planned.images.len());
+        for (out, &number) in pixels.chunks_exact_mut(image_bytes).zip(&planned.images) {
+            self.store.copy_into(number, out)?;
+            let (name, label) = self
+                .images
+                .get(&number)
+                .ok_or(PreprocessError::NotStored { number })?;
+            names.push(name.clone());
+            labels.push(*label);
+        }
+        let size = self.store.img_size();
+        Ok(build_batch(
+            &planned.header,
+            size,
+            size,
+            names,
+            labels,
+            pixels,
+        )?)
+    }
+}
+
+/// A preprocessed, split data set, ready to publish.
+#[derive(Debug)]
+pub struct Prepared {
+    pub planner: EpochPlanner,
+    pub images: usize,
+    pub skipped: Vec<Skipped>,
+    pub preprocess_seconds: f64,
+    /// Per-split and per-class image counts.
+    pub split_summary: String,
+    assembler: Arc<Assembler>,
+}
+
+/// Confirmed batches of one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochSummary {
+    pub epoch: u32,
+    pub train_batches: usize,
+    pub val_batches: usize,
+}
+
+/// What a run published.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub images: usize,
+    pub skipped: Vec<Skipped>,
+    pub epochs: Vec<EpochSummary>,
+    /// Confirmed message bytes.
+    pub payload_bytes: u64,
+    pub reconnects: u32,
+    pub preprocess_seconds: f64,
+    pub publish_seconds: f64,
+}
+
+/// Reads labels (and set ids), preprocesses the archive into a pixel store
+/// under `cache_dir` and splits the decodable images. Blocking: it decodes on
+/// `cfg.preprocess.threads` threads.
+pub fn prepare(cfg: &LoaderConfig) -> Result<Prepared, LoaderError> {
+    if cfg.batch_size == 0 {
+        return Err(LoaderError::Config("batch size must be positive".into()));
+    }
+    if cfg.epochs == 0 {
+        return Err(LoaderError::Config("epochs must be positive".into()));
+    }
+    flowers_broker::validate_run_id(&cfg.run_id)?;
+    let labels = Labels::from_mat_file(&cfg.labels)?;
+    let set_ids = cfg
+        .setid
+        .as_deref()
+        .map(SetIds::from_mat_file)
+        .transpose()?;
+    let pre = preprocess_archive(&cfg.data, &labels, &cfg.preprocess, &cfg.cache_dir)?;
+    for skipped in &pre.skipped {
+        info!(file = %skipped.file_name, reason = %skipped.reason, "skipped image");
+    }
+    let split = split_images(
+        pre.images.iter().map(|i| (i.number, i.label)),
+        &cfg.split,
+        set_ids.as_ref(),
+    )?;
+    if split.train.is_empty() {
+        return Err(LoaderError::NoTrainingImages {
+            archive: cfg.data.clone(),
+            images: pre.images.len(),
+        });
+    }
+    let split_summary = split.summary(&labels, None);
+    let planner = EpochPlanner {
+        run_id: cfg.run_id.clone(),
+        train: split.train,
+        validation: split.validation,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+        num_classes: labels.num_classes(),
+    };
+    Ok(Prepared {
+        images: pre.images.len(),
+        skipped: pre.skipped,
+        preprocess_seconds: pre.elapsed.as_secs_f64(),
+        split_summary,
+        assembler: Arc::new(Assembler::new(pre.store, &pre.images)),
+        planner,
+    })
+}
+
+impl Prepared {
+    /// The run as the coordinator's `RegisterRun` wants it (the hook for
+    /// registering a run before publishing).
+    pub fn run_config(&self, cfg: &LoaderConfig) -> RunConfig {
+        RunConfig {
+            dataset: cfg.data.display().to_string(),
+            split: match cfg.split {
+                SplitStrategy::Stratified { .. } => "stratified".into(),
+                SplitStrategy::Official { .. } => "official".into(),
+            },
+            img_size: cfg.preprocess.img_size,
+            batch_size: cfg.batch_size as u32,
+            epochs: cfg.epochs,
+            train_batches_per_epoch: self.planner.train_batches_per_epoch(),
+            val_batches_per_epoch: self.planner.val_batches_per_epoch(),
+            seed: cfg.seed,
+            num_classes: self.planner.num_classes,
+            train_images: self.planner.train.len() as u32,
+            val_images: self.planner.validation.len() as u32,
+        }
+    }
+
+    /// Declares the run's queues and publishes, per epoch, the shuffled
+    /// training batches to `train.E`, then the validation batches to `val.E`.
+    pub async fn publish(self, cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
+        // The first training batch is full-sized: refuse an over-limit run
+        // before declaring any queue.
+        if let Some(first) = self.planner.train_batches(0).first() {
+            encode_batch(
+                &self.assembler.assemble(first)?,
+                cfg.publisher.max_message_bytes,
+            )?;
+        }
+        let started = Instant::now();
+        let mut publisher = Publisher::connect(
+            &cfg.broker_url,
+            &self.planner.run_id,
+            cfg.epochs,
+            cfg.publisher.clone(),
+        )
+        .await?;
+        let planner = self.planner.clone();
+        let plan = (0..cfg.epochs).flat_map(move |e| {
+            planner
+                .train_batches(e)
+                .into_iter()
+                .chain(planner.val_batches(e))
+        });
+        publish_plan(&mut publisher, &self.assembler, plan).await?;
+        let epochs = (0..cfg.epochs)
+            .map(|epoch| EpochSummary {
+                epoch,
+                train_batches: publisher.confirmed(epoch, false).map_or(0, |s| s.len()),
+                val_batches: publisher.confirmed(epoch, true).map_or(0, |s| s.len()),
+            })
+            .collect();
+        let stats = publisher.close().await?;
+        Ok(RunSummary {
+            run_id: self.planner.run_id.clone(),
+            images: self.images,
+            skipped: self.skipped,
+            epochs,
+            payload_bytes: stats.payload_bytes,
+            reconnects: stats.reconnects,
+            preprocess_seconds: self.preprocess_seconds,
+            publish_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The whole run: [`prepare`] (on a blocking thread), then [`Prepared::publish`].
+pub async fn run(cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
+    let prepared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg))
+            .await
+            .map_err(|e| LoaderError::Assembly(e.to_string()))??
+    };
+    log_prepared(&prepared);
+    prepared.publish(cfg).await
+}
+
+/// Logs the split's per-part and per-class counts.
+pub fn log_prepared(prepared: &Prepared) {
+    info!(
+        images = prepared.images,
+        skipped = prepared.skipped.len(),
+        train_batches_per_epoch = prepared.planner.train_batches_per_epoch(),
+        val_batches_per_epoch = prepared.planner.val_batches_per_epoch(),
+        "preprocessed and split\n{}",
+        prepared.split_summary
+    );
+}
+
+/// Publishes `plan` in order, assembling batches on a blocking thread while
+/// earlier ones are being published; flushes (and logs) at each epoch's end.
+async fn publish_plan(
+    publisher: &mut Publisher,
+    assembler: &Arc<Assembler>,
+    plan: impl Iterator<Item = PlannedBatch> + Send + 'static,
+) -> Result<(), LoaderError> {
+    let (tx, mut rx) = mpsc::channel::<Result<Batch, LoaderError>>(ASSEMBLED_AHEAD);
+    let assembly = {
+        let assembler = assembler.clone();
+        tokio::task::spawn_blocking(move || {
+            for planned in plan {
+                let batch = assembler.assemble(&planned);
+                let failed = batch.is_err();
+                // A closed channel means the publisher stopped on an error of its own.
+                if tx.blocking_send(batch).is_err() || failed {
+                    break;
+                }
+            }
+        })
+    };
+    let mut epoch = None;
+    let mut epoch_started = Instant::now();
+    while let Some(batch) = rx.recv().await {
+        let batch = batch?;
+        if epoch.is_some_and(|e| e != batch.epoch) {
+            finish_epoch(publisher, epoch.unwrap_or(0), epoch_started.elapsed()).await?;
+            epoch_started = Instant::now();
+        }
+        epoch = Some(batch.epoch);
+        publisher.publish(&batch).await?;
+    }
+    assembly
+        .await
+        .map_err(|e| LoaderError::Assembly(e.to_string()))?;
+    if let Some(e) = epoch {
+        finish_epoch(publisher, e, epoch_started.elapsed()).await?;
+    }
+    Ok(())
+}
+
+async fn finish_epoch(
+    publisher: &mut Publisher,
+    epoch: u32,
+    took: Duration,
+) -> Result<(), LoaderError> {
+    publisher.flush().await?;
+    let count = |validation| {
+        publisher
+            .confirmed(epoch, validation)
+            .map_or(0, |s| s.len())
+    };
+    info!(
+        epoch,
+        train_batches = count(false),
+        val_batches = count(true),
+        seconds = took.as_secs_f64(),
+        "epoch published and confirmed"
+    );
+    Ok(())
+}
+
+/// Throughput of publishing preprocessed batches with confirms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishBenchReport {
+    pub batches: u64,
+    pub payload_bytes: u64,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+/// Publishes every image of `images` (from `store`) once, in batches of
+/// `batch_size`, to a throwaway run `run_id` with no consumer and no
+/// backpressure, timing until the last confirm; deletes the run's queues.
+pub async fn publish_bench(
+    broker_url: &str,
+    run_id: &str,
+    store: PixelStore,
+    images: &[ImageInfo],
+    num_classes: u32,
+    batch_size: usize,
+    max_message_bytes: usize,
+) -> Result<PublishBenchReport, LoaderError> {
+    let planner = EpochPlanner {
+        run_id: run_id.to_string(),
+        train: images.iter().map(|i| i.number).collect(),
+        validation: Vec::new(),
+        batch_size,
+        seed: 0,
+        num_classes,
+    };
+    let opts = PublisherOptions {
+        max_queued_batches: planner.train_batches_per_epoch() + 1,
+        max_message_bytes,
+        ..Default::default()
+    };
+    let assembler = Arc::new(Assembler::new(store, images));
+    let mut publisher = Publisher::connect(broker_url, run_id, 1, opts).await?;
+    let started = Instant::now();
+    let published = publish_plan(
+        &mut publisher,
+        &assembler,
+        planner.train_batches(0).into_iter(),
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = publisher.close().await;
+    // The queues go whatever happened, so a failed benchmark leaves nothing behind.
+    let conn = connect(broker_url, "flowers-loader bench cleanup").await?;
+    delete_run_queues(&conn, run_id, 1).await?;
+    published?;
+    let stats = stats?;
+    Ok(PublishBenchReport {
+        batches: stats.batches,
+        payload_bytes: stats.payload_bytes,
+        seconds,
+        mb_per_s: stats.payload_bytes as f64 / 1e6 / seconds,
+    })
+}
