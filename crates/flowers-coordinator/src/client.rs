@@ -27,12 +27,9 @@ pub enum ClientError {
     },
     #[error("the bearer token holds characters not allowed in gRPC metadata")]
     BadToken,
-    #[error("coordinator call {call} failed: {status}")]
-    Status {
-        call: &'static str,
-        #[source]
-        status: Status,
-    },
+    // The status is not a #[source]: its text is already in this message.
+    #[error("coordinator call {call} failed: {} ({:?})", status.message(), status.code())]
+    Status { call: &'static str, status: Status },
     #[error("coordinator call {call}: malformed stream: {message}")]
     Stream { call: &'static str, message: String },
 }

@@ -74,7 +74,10 @@ impl Store {
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new
 /// file: write a temporary sibling, fsync it, rename over, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("state files live in a directory");
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     fs::create_dir_all(dir).map_err(|e| CoordinatorError::io("creating", dir, e))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let write = || -> std::io::Result<()> {

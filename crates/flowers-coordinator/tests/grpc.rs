@@ -557,3 +557,49 @@ async fn a_tensor_with_a_wrong_shape_is_refused() {
     assert_eq!(first.await.unwrap().unwrap(), avg);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn reflection_lists_the_service_to_token_holders() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 0, 5_000).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let list = || {
+        tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }])
+    };
+    let denied = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(list())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(list());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(services)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"flowers.v1.Coordinator".to_owned()),
+        "{names:?}"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -1,4 +1,112 @@
-fn main() {
+//! The coordinator service: runs, epochs, workers, validation and checkpoint sync over gRPC.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use flowers_coordinator::{serve, Coordinator, CoordinatorConfig, ServeOptions};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "FLOWERS_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// Directory holding every run's state and checkpoints; a restart resumes from it.
+    #[arg(long, env = "FLOWERS_STATE_DIR", default_value = "coordinator-state")]
+    state_dir: PathBuf,
+    /// Bearer token every call must carry.
+    #[arg(long, env = "FLOWERS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Serve without authentication (development only).
+    #[arg(long, conflicts_with = "token")]
+    insecure_no_auth: bool,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "FLOWERS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, env = "FLOWERS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a worker is marked lost.
+    #[arg(long, env = "FLOWERS_WORKER_TIMEOUT", default_value_t = 30.0)]
+    worker_timeout: f64,
+    /// Average the workers' parameters every this many steps of a worker (0: only at epoch ends).
+    #[arg(long, env = "FLOWERS_SYNC_EVERY", default_value_t = 100)]
+    sync_every: u32,
+    /// Largest parameter upload accepted, in MiB.
+    #[arg(long, env = "FLOWERS_MAX_UPLOAD_MIB", default_value_t = 2048)]
+    max_upload_mib: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT"),
+        _ = term => tracing::info!("SIGTERM"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
-    tracing::info!("coordinator: not built yet");
+    let args = Args::parse();
+    let token = match (args.token, args.insecure_no_auth) {
+        (Some(t), _) if t.is_empty() => bail!("--token / FLOWERS_TOKEN is empty"),
+        (Some(t), _) => Some(t),
+        (None, true) => {
+            tracing::warn!("serving without authentication (--insecure-no-auth)");
+            None
+        }
+        (None, false) => bail!("set --token (or FLOWERS_TOKEN), or pass --insecure-no-auth"),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read(cert)
+                .with_context(|| format!("reading TLS certificate {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?,
+        )),
+        _ => None,
+    };
+    if !(args.worker_timeout.is_finite() && args.worker_timeout > 0.0) {
+        bail!(
+            "--worker-timeout must be a positive number of seconds, got {}",
+            args.worker_timeout
+        );
+    }
+    let config = CoordinatorConfig {
+        state_dir: args.state_dir.clone(),
+        sync_every: args.sync_every,
+        worker_timeout: Duration::from_secs_f64(args.worker_timeout),
+        max_upload_bytes: args.max_upload_mib << 20,
+    };
+    let coordinator = Coordinator::open(config)
+        .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    serve(
+        coordinator,
+        listener,
+        ServeOptions { token, tls },
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
 }

@@ -1,4 +1,188 @@
-fn main() {
+//! flowersctl: the coordinator's command-line client.
+
+mod plot;
+mod render;
+mod watch;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use flowers_coordinator::{ClientConfig, CoordinatorClient, RetryPolicy};
+use flowers_proto::v1 as pb;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Inspect and follow training runs on a flowers coordinator"
+)]
+struct Cli {
+    /// Coordinator address (http:// or https://).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWERS_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "FLOWERS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate to trust for an https coordinator.
+    #[arg(long, global = true, env = "FLOWERS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List runs.
+    Runs {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's epochs, workers, validation accuracy and best checkpoint.
+    Status {
+        /// Run id (default: the newest running run, else the newest run).
+        run: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a run live: progress bars for the epoch and its validation.
+    Watch { run: Option<String> },
+    /// List a run's checkpoints.
+    Checkpoints {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a checkpoint (default: the best, else the latest) as safetensors.
+    Download {
+        run: String,
+        checkpoint: Option<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Plot training loss/accuracy and validation accuracy per epoch (.png or .svg).
+    Plot {
+        run: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// The run to show when none is named: the newest running one, else the newest.
+async fn pick_run(client: &CoordinatorClient, run: Option<String>) -> anyhow::Result<String> {
+    if let Some(run) = run {
+        return Ok(run);
+    }
+    let runs = client.list_runs().await?;
+    let newest = |running: bool| {
+        runs.iter()
+            .filter(|r| !running || r.state == pb::RunState::Running as i32)
+            .max_by(|a, b| a.created_at.total_cmp(&b.created_at))
+    };
+    match newest(true).or_else(|| newest(false)) {
+        Some(r) => Ok(r.run_id.clone()),
+        None => bail!("the coordinator has no runs yet"),
+    }
+}
+
+fn json_out(value: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     flowers_telemetry::init();
-    tracing::info!("flowersctl: not built yet");
+    // One readable line for the person at the terminal, whatever RUST_BACKTRACE says.
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ca_cert = match &cli.ca_cert {
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?,
+        ),
+        None => None,
+    };
+    // An interactive tool should say quickly that the coordinator is down.
+    let retry = RetryPolicy {
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(1),
+        give_up_after: Duration::from_secs(3),
+    };
+    let config = ClientConfig {
+        ca_cert,
+        ..ClientConfig::new(&cli.coordinator)
+            .token(cli.token.clone())
+            .retry(retry)
+    };
+    let client = CoordinatorClient::connect(&config)?;
+    match cli.command {
+        Command::Runs { json } => {
+            let runs = client.list_runs().await?;
+            if json {
+                json_out(serde_json::Value::Array(
+                    runs.iter().map(render::run_json).collect(),
+                ))?;
+            } else {
+                print!("{}", render::runs_table(&runs));
+            }
+        }
+        Command::Status { run, json } => {
+            let run = pick_run(&client, run).await?;
+            let status = client.get_run(&run, false).await?;
+            if json {
+                json_out(render::run_json(&status))?;
+            } else {
+                print!("{}", render::status_text(&status));
+            }
+        }
+        Command::Watch { run } => {
+            let run = pick_run(&client, run).await?;
+            watch::watch(&client, &run).await?;
+        }
+        Command::Checkpoints { run, json } => {
+            let checkpoints = client.list_checkpoints(&run).await?;
+            if json {
+                json_out(serde_json::Value::Array(
+                    checkpoints.iter().map(render::checkpoint_json).collect(),
+                ))?;
+            } else {
+                print!("{}", render::checkpoints_table(&checkpoints));
+            }
+        }
+        Command::Download {
+            run,
+            checkpoint,
+            output,
+        } => {
+            let (info, bytes) = client.get_checkpoint(&run, checkpoint.as_deref()).await?;
+            flowers_coordinator::write_atomic(&output, &bytes)?;
+            println!(
+                "{} ({} bytes, epoch {}, round {}) -> {}",
+                info.checkpoint_id,
+                bytes.len(),
+                info.epoch,
+                info.sync_round,
+                output.display()
+            );
+        }
+        Command::Plot { run, output } => {
+            let status = client.get_run(&run, true).await?;
+            plot::plot(&status, &output)?;
+            println!("{}", output.display());
+        }
+    }
+    Ok(())
 }
