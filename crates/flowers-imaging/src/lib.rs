@@ -1,11 +1,19 @@
 //! JPEG decode, square centre crop and resize to RGB uint8.
 //!
 //! The pipeline is: read the JPEG header, decode with libjpeg-turbo's DCT scaling at the smallest
-//! factor M/8 that keeps the short side at least `img_size` (so most of the resize work is done
-//! for free inside the IDCT), then take the centred square and resize it to `img_size` with
-//! `fast_image_resize`'s bilinear convolution. Bilinear matches the reference pipeline
-//! (`cv2.resize` defaults to `INTER_LINEAR`); because the DCT scaling already brought the image
-//! within a factor of two of the target, a wider filter would buy little.
+//! of the factors 1/8, 1/4, 1/2, 1 that keeps the short side at least `img_size` (so at 250 px a
+//! 500 px image decodes at 1/2 and needs no resize), take the centred square and resize it to
+//! `img_size` with `fast_image_resize`'s bilinear interpolation.
+//!
+//! Why only those four of libjpeg's M/8 factors: they have SIMD inverse DCTs, the others
+//! (3/8, 5/8, ...) run plain C. On the flowers images (500 px short side) at 299 px, decoding at
+//! 5/8 took 0.98 ms against 0.72 ms at full size, and the whole decode+resize used 11% less CPU
+//! when decoding at full size and resizing 500 -> 299 instead of 313 -> 299.
+//!
+//! Why bilinear interpolation: it is what the reference pipeline does (`cv2.resize` with its
+//! default `INTER_LINEAR`), so the model sees the same kind of pixels, and it used 7% less CPU
+//! per image than `fast_image_resize`'s antialiasing bilinear convolution. The DCT scaling
+//! leaves less than a 2x reduction to the resize, where a 2-tap filter aliases little.
 //!
 //! Greyscale JPEGs are expanded to RGB by libjpeg; CMYK/YCCK JPEGs are decoded as CMYK and
 //! converted here (libjpeg cannot convert them to RGB).
@@ -50,9 +58,11 @@ pub fn center_square(width: usize, height: usize) -> Square {
 }
 
 /// The DCT scaling numerator M (decode at M/8) for an image whose short side is `short_side`:
-/// the smallest M that keeps the scaled short side >= `target`; 8 when even full size is smaller.
+/// the smallest M of 1, 2, 4, 8 (the SIMD-accelerated scales) that keeps the scaled short side
+/// >= `target`; 8 when even full size is smaller.
 pub fn dct_scale_numerator(short_side: usize, target: usize) -> usize {
-    (1..=8)
+    [1, 2, 4, 8]
+        .into_iter()
         .find(|&m| scaled_dim(short_side, m) >= target)
         .unwrap_or(8)
 }
@@ -63,7 +73,8 @@ fn scaled_dim(dim: usize, m: usize) -> usize {
 }
 
 /// Crops `square` out of a packed RGB image of `width` pixels per row and resizes it to
-/// `size` x `size` into `out` (RGB HWC). A plain copy when the square is already that size.
+/// `size` x `size` into `out` (RGB HWC) by bilinear interpolation. A plain copy when the square
+/// is already that size.
 pub fn crop_resize_rgb(
     resizer: &mut Resizer,
     rgb: &[u8],
@@ -86,7 +97,7 @@ pub fn crop_resize_rgb(
     let mut dst =
         Image::from_slice_u8(size, size, out, PixelType::U8x3).map_err(|e| resize_err(&e))?;
     let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear))
         .crop(
             square.left as f64,
             square.top as f64,
@@ -288,9 +299,11 @@ mod tests {
     fn dct_scale_is_the_smallest_that_keeps_the_target() {
         // 500 px short side at 250: exactly 1/2, no resize needed afterwards.
         assert_eq!(dct_scale_numerator(500, 250), 4);
-        // 500 at 299: 4/8 gives 250 < 299, 5/8 gives 313.
-        assert_eq!(dct_scale_numerator(500, 299), 5);
+        // 500 at 299: 4/8 gives 250 < 299; the slow 5/8 is passed over for full size.
+        assert_eq!(dct_scale_numerator(500, 299), 8);
+        assert_eq!(dct_scale_numerator(1000, 299), 4);
         assert_eq!(dct_scale_numerator(2400, 299), 1);
+        assert_eq!(dct_scale_numerator(2400, 301), 2);
         // Smaller than the target: decode at full size and upscale.
         assert_eq!(dct_scale_numerator(200, 299), 8);
     }
