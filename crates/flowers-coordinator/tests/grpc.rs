@@ -603,3 +603,35 @@ async fn reflection_lists_the_service_to_token_holders() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn tls_with_a_trusted_certificate_works() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::open(CoordinatorConfig::new(dir.path())).unwrap();
+    let options = ServeOptions {
+        token: Some(TOKEN.into()),
+        tls: Some((cert_pem.clone().into(), key_pem.into())),
+    };
+    let server = ServerHandle::start(coordinator, "127.0.0.1:0", options)
+        .await
+        .unwrap();
+    let address = format!("https://localhost:{}", server.addr.port());
+    let config = ClientConfig {
+        ca_cert: Some(cert_pem.into()),
+        ..ClientConfig::new(&address).token(Some(TOKEN.into()))
+    };
+    let c = CoordinatorClient::connect(&config).unwrap();
+    assert!(c.list_runs().await.unwrap().is_empty());
+    // Plain HTTP/2 to a TLS port fails rather than leaking anything.
+    let plain = ClientConfig::new(server.url())
+        .token(Some(TOKEN.into()))
+        .retry(RetryPolicy::none());
+    assert!(CoordinatorClient::connect(&plain)
+        .unwrap()
+        .list_runs()
+        .await
+        .is_err());
+    server.shutdown().await.unwrap();
+}
