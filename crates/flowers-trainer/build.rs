@@ -1,1 +1,3 @@
-fn main() { torch_link::emit() }
+fn main() {
+    torch_link::emit()
+}

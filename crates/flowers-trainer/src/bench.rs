@@ -48,7 +48,9 @@ impl BenchReport {
 /// initial weights (the policy decides the cost, not the weights' values).
 pub fn bench(opts: &BenchOptions) -> Result<BenchReport, TrainError> {
     if opts.steps == 0 || opts.batch_size == 0 {
-        return Err(TrainError::Usage("--steps and --batch-size must be at least 1".into()));
+        return Err(TrainError::Usage(
+            "--steps and --batch-size must be at least 1".into(),
+        ));
     }
     tch::manual_seed(opts.seed as i64);
     let model_opts = ModelOptions {
@@ -67,7 +69,10 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, TrainError> {
     let pixels = Tensor::randint(256, [n, size, size, 3], (Kind::Uint8, Device::Cpu));
     let pixels: Vec<u8> = Vec::try_from(pixels.flatten(0, -1))?;
     let labels = Tensor::randint(102, [n], (Kind::Int64, Device::Cpu));
-    let labels: Vec<u32> = Vec::<i64>::try_from(labels)?.into_iter().map(|l| l as u32).collect();
+    let labels: Vec<u32> = Vec::<i64>::try_from(labels)?
+        .into_iter()
+        .map(|l| l as u32)
+        .collect();
     let view = BatchView {
         pixels: &pixels,
         shape: [n, size, size, 3],

@@ -138,7 +138,11 @@ pub fn cuda_autocast_is_bf16() -> bool {
 /// block alive until the copy has finished.
 pub fn upload_nhwc(pixels: &[u8], shape: [i64; 4], device: Device) -> Tensor {
     let numel: i64 = shape.iter().product();
-    assert_eq!(numel as usize, pixels.len(), "pixel buffer does not match shape {shape:?}");
+    assert_eq!(
+        numel as usize,
+        pixels.len(),
+        "pixel buffer does not match shape {shape:?}"
+    );
     if !device.is_cuda() {
         return Tensor::from_data_size(pixels, &shape, Kind::Uint8);
     }

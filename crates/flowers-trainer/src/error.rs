@@ -14,8 +14,9 @@ pub enum TrainError {
     Model(#[from] flowers_model::ModelError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Boxed: lapin's errors are large, and every result of the crate would carry the size.
     #[error(transparent)]
-    Broker(#[from] flowers_broker::BrokerError),
+    Broker(Box<flowers_broker::BrokerError>),
     #[error(transparent)]
     Worker(#[from] WorkerGone),
     #[error(transparent)]
@@ -32,6 +33,12 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Data(String),
+}
+
+impl From<flowers_broker::BrokerError> for TrainError {
+    fn from(e: flowers_broker::BrokerError) -> Self {
+        TrainError::Broker(Box::new(e))
+    }
 }
 
 impl TrainError {

@@ -62,7 +62,13 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         .map(ClassNames::from_json_file)
         .transpose()?;
     let wanted: Option<std::collections::HashSet<u32>> = match &opts.split {
-        Some((setid, set)) => Some(SetIds::from_mat_file(setid)?.get(*set).iter().copied().collect()),
+        Some((setid, set)) => Some(
+            SetIds::from_mat_file(setid)?
+                .get(*set)
+                .iter()
+                .copied()
+                .collect(),
+        ),
         None => None,
     };
     std::fs::create_dir_all(&opts.cache_dir).map_err(|e| TrainError::io(&opts.cache_dir, e))?;
@@ -104,7 +110,11 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
 
     let meta = read_checkpoint_meta(&opts.checkpoint)?;
     if meta.img_size > 0 && meta.img_size != i64::from(opts.img_size) {
-        warn!(trained = meta.img_size, evaluating = opts.img_size, "evaluating at another image size than trained");
+        warn!(
+            trained = meta.img_size,
+            evaluating = opts.img_size,
+            "evaluating at another image size than trained"
+        );
     }
     let optimizer = meta
         .optimizer
@@ -141,7 +151,11 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         };
         state.evaluate(view, &mut tally)?;
     }
-    info!(images = tally.images(), seconds = started.elapsed().as_secs_f64(), "evaluated");
+    info!(
+        images = tally.images(),
+        seconds = started.elapsed().as_secs_f64(),
+        "evaluated"
+    );
     let report = report(&tally, names.as_ref());
     Ok(Evaluation { tally, report })
 }
@@ -160,7 +174,10 @@ pub fn report(tally: &EvalTally, names: Option<&ClassNames>) -> String {
     let _ = writeln!(out, "top1={:.4}", tally.top1());
     let _ = writeln!(out, "top5={:.4}", tally.top5());
     let _ = writeln!(out, "mean_loss={:.4}", tally.mean_loss());
-    let _ = writeln!(out, "per-class accuracy (label, correct/total, accuracy), worst first:");
+    let _ = writeln!(
+        out,
+        "per-class accuracy (label, correct/total, accuracy), worst first:"
+    );
     let mut per_class = tally.per_class();
     per_class.sort_by(|a, b| {
         let (ra, rb) = (a.1 as f64 / a.2 as f64, b.1 as f64 / b.2 as f64);

@@ -117,7 +117,10 @@ impl EvalTally {
 
     /// Folds another tally over the same classes into this one.
     pub fn merge(&mut self, other: &EvalTally) {
-        assert_eq!(self.num_classes, other.num_classes, "tallies over different class counts");
+        assert_eq!(
+            self.num_classes, other.num_classes,
+            "tallies over different class counts"
+        );
         self.images += other.images;
         self.loss_sum += other.loss_sum;
         self.top1 += other.top1;
@@ -238,8 +241,16 @@ mod tests {
         assert_eq!(
             confused,
             vec![
-                ConfusedPair { actual: 1, predicted: 2, count: 2 },
-                ConfusedPair { actual: 3, predicted: 6, count: 1 },
+                ConfusedPair {
+                    actual: 1,
+                    predicted: 2,
+                    count: 2
+                },
+                ConfusedPair {
+                    actual: 3,
+                    predicted: 6,
+                    count: 1
+                },
             ]
         );
     }
@@ -254,7 +265,14 @@ mod tests {
         assert_eq!(a.images(), 2);
         assert!((a.top1() - 0.5).abs() < 1e-12);
         assert!((a.mean_loss() - 2.0).abs() < 1e-12);
-        assert_eq!(a.most_confused(5), vec![ConfusedPair { actual: 1, predicted: 0, count: 1 }]);
+        assert_eq!(
+            a.most_confused(5),
+            vec![ConfusedPair {
+                actual: 1,
+                predicted: 0,
+                count: 1
+            }]
+        );
     }
 
     #[test]

@@ -140,7 +140,10 @@ impl Hyper {
             ..base
         };
         if !(h.lr > 0.0 && h.lr.is_finite()) {
-            return Err(TrainError::Usage(format!("--lr must be a positive number, got {}", h.lr)));
+            return Err(TrainError::Usage(format!(
+                "--lr must be a positive number, got {}",
+                h.lr
+            )));
         }
         if !(0.0..1.0).contains(&h.label_smoothing) {
             return Err(TrainError::Usage(format!(
@@ -243,7 +246,10 @@ mod tests {
         assert_eq!(h.phase(0, 6).policy, Policy::Head);
         assert_eq!(h.phase(1, 6).policy, Policy::Head);
         let main = h.phase(2, 6);
-        assert_eq!((main.policy, main.first_epoch, main.epochs), (Policy::Reference, 2, 4));
+        assert_eq!(
+            (main.policy, main.first_epoch, main.epochs),
+            (Policy::Reference, 2, 4)
+        );
         assert_eq!(h.phase(5, 6), main);
         // Cosine over the 4 main epochs: full lr at the start, half way at the middle, lr/100 at the end.
         assert!((main.lr_at(2, 0, 10) - 3e-3).abs() < 1e-12);
@@ -266,14 +272,21 @@ mod tests {
         };
         let h = Hyper::new(Recipe::Fast, &o).unwrap();
         let p = h.phase(0, 6);
-        assert_eq!(p.policy, Policy::Head, "no warm-up when the head is all that trains");
+        assert_eq!(
+            p.policy,
+            Policy::Head,
+            "no warm-up when the head is all that trains"
+        );
         assert_eq!(p.lr_at(0, 0, 10), 0.5);
         assert!((p.lr_at(2, 0, 10) - 0.05).abs() < 1e-12);
         let bad = Overrides {
             label_smoothing: Some(1.5),
             ..Default::default()
         };
-        assert!(Hyper::new(Recipe::Reference, &bad).unwrap_err().to_string().contains("label-smoothing"));
+        assert!(Hyper::new(Recipe::Reference, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("label-smoothing"));
         assert!("slow".parse::<Recipe>().is_err());
     }
 }

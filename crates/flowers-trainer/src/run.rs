@@ -99,10 +99,16 @@ pub struct StageContext<'a> {
 pub trait Coordination {
     /// Whether the current stage is over for this trainer. Asked before every wait for a
     /// message and after every poll interval without one.
-    fn stage_done(&mut self, ctx: StageContext<'_>) -> impl Future<Output = Result<bool, TrainError>> + Send;
+    fn stage_done(
+        &mut self,
+        ctx: StageContext<'_>,
+    ) -> impl Future<Output = Result<bool, TrainError>> + Send;
 
     /// Called after every optimizer step (the batch is acked already).
-    fn step_done(&mut self, metrics: &StepMetrics) -> impl Future<Output = Result<(), TrainError>> + Send;
+    fn step_done(
+        &mut self,
+        metrics: &StepMetrics,
+    ) -> impl Future<Output = Result<(), TrainError>> + Send;
 
     /// Between training and validation of `epoch`: the sync point, e.g. for averaging the
     /// model across workers (through `worker.call(|state| ..)`).
@@ -113,10 +119,16 @@ pub trait Coordination {
     ) -> impl Future<Output = Result<(), TrainError>> + Send;
 
     /// Whether this trainer validates `epoch` at all.
-    fn should_validate(&mut self, epoch: u32) -> impl Future<Output = Result<bool, TrainError>> + Send;
+    fn should_validate(
+        &mut self,
+        epoch: u32,
+    ) -> impl Future<Output = Result<bool, TrainError>> + Send;
 
     /// The finished validation of an epoch.
-    fn validation_done(&mut self, metrics: &EvalMetrics) -> impl Future<Output = Result<(), TrainError>> + Send;
+    fn validation_done(
+        &mut self,
+        metrics: &EvalMetrics,
+    ) -> impl Future<Output = Result<(), TrainError>> + Send;
 }
 
 /// A trainer alone on the run: a stage ends when it has used `batches_in_epoch` distinct batches.
@@ -137,7 +149,9 @@ impl Coordination for Standalone {
         // batches were acked by a trainer that died after its last checkpoint.
         let next = match p.stage {
             Stage::Train => Some(val_queue(ctx.run_id, p.epoch)),
-            Stage::Validate if p.epoch < ctx.last_epoch => Some(train_queue(ctx.run_id, p.epoch + 1)),
+            Stage::Validate if p.epoch < ctx.last_epoch => {
+                Some(train_queue(ctx.run_id, p.epoch + 1))
+            }
             Stage::Validate => None,
         };
         let Some(next) = next else { return Ok(false) };
@@ -157,7 +171,11 @@ impl Coordination for Standalone {
         Ok(())
     }
 
-    async fn before_validation(&mut self, _: u32, _: &Worker<TrainState>) -> Result<(), TrainError> {
+    async fn before_validation(
+        &mut self,
+        _: u32,
+        _: &Worker<TrainState>,
+    ) -> Result<(), TrainError> {
         Ok(())
     }
 
@@ -226,10 +244,12 @@ fn read_progress(checkpoint: &Path) -> Result<Option<SavedProgress>, TrainError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(TrainError::io(&path, e)),
     };
-    serde_json::from_str(&text).map(Some).map_err(|e| TrainError::File {
-        path: path.clone(),
-        message: format!("not a trainer progress file: {e}"),
-    })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TrainError::File {
+            path: path.clone(),
+            message: format!("not a trainer progress file: {e}"),
+        })
 }
 
 enum StageEnd {
@@ -292,27 +312,42 @@ pub async fn run<C: Coordination>(
         .unwrap_or(0);
     let phase = hyper.phase(start_hint, opts.epochs);
     if opts.resume.is_none() && opts.weights.is_none() {
-        warn!("no pretrained weights (--weights none): training from scratch, accuracy will be poor");
+        warn!(
+            "no pretrained weights (--weights none): training from scratch, accuracy will be poor"
+        );
     }
     let (resume, weights, seed) = (opts.resume.clone(), opts.weights.clone(), opts.seed);
     let worker = Worker::spawn("trainer-torch", move || {
         tch::manual_seed(seed as i64);
         match &resume {
             Some(c) => TrainState::resume(model, phase.backbone_lr_scale, c),
-            None => TrainState::new(model, phase.policy, phase.backbone_lr_scale, weights.as_deref()),
+            None => TrainState::new(
+                model,
+                phase.policy,
+                phase.backbone_lr_scale,
+                weights.as_deref(),
+            ),
         }
     })
     .await?;
-    let (step, meta) = worker.call(|st| (st.step, st.resumed_from().cloned())).await?;
+    let (step, meta) = worker
+        .call(|st| (st.step, st.resumed_from().cloned()))
+        .await?;
 
     let mut progress = match (opts.start_epoch, saved, &meta) {
         (Some(e), _, _) => EpochProgress::new(e, Stage::Train),
         (None, Some(s), _) => {
             if s.step != step {
-                let checkpoint = opts.resume.as_deref().expect("saved progress comes with --resume");
+                let checkpoint = opts
+                    .resume
+                    .as_deref()
+                    .expect("saved progress comes with --resume");
                 return Err(TrainError::File {
                     path: progress_path(checkpoint),
-                    message: format!("progress is for step {}, the checkpoint is at step {step}", s.step),
+                    message: format!(
+                        "progress is for step {}, the checkpoint is at step {step}",
+                        s.step
+                    ),
                 });
             }
             s.progress
@@ -340,7 +375,10 @@ pub async fn run<C: Coordination>(
     .await?;
     // Declaring is idempotent and lets a trainer start before the loader.
     let channel = conn.create_channel().await.map_err(|e| {
-        TrainError::Data(format!("opening a channel to declare run {}: {e}", opts.run_id))
+        TrainError::Data(format!(
+            "opening a channel to declare run {}: {e}",
+            opts.run_id
+        ))
     })?;
     declare_run_topology(&channel, &opts.run_id, opts.epochs).await?;
     let _ = channel.close(200, "OK".into()).await;
@@ -398,7 +436,10 @@ impl<C: Coordination> Runner<'_, C> {
                 if let StageEnd::Interrupted = self.stage(progress).await? {
                     return self.interrupted(progress).await;
                 }
-                let tally = progress.tally.take().unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+                let tally = progress
+                    .tally
+                    .take()
+                    .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
                 let metrics = tally.summary(epoch);
                 info!(%metrics, "validated");
                 self.coord.validation_done(&metrics).await?;
@@ -461,27 +502,44 @@ impl<C: Coordination> Runner<'_, C> {
             ));
         }
         if batch.num_classes != self.num_classes {
-            return Some(format!("it has {} classes, the model {}", batch.num_classes, self.num_classes));
+            return Some(format!(
+                "it has {} classes, the model {}",
+                batch.num_classes, self.num_classes
+            ));
         }
         if batch.batch_index >= batch.batches_in_epoch {
             return Some("its batch index is not below batches_in_epoch".into());
         }
-        if let Some(n) = progress.batches_in_epoch.filter(|&n| n != batch.batches_in_epoch) {
-            return Some(format!("earlier batches of the stage said {n} batches_in_epoch"));
+        if let Some(n) = progress
+            .batches_in_epoch
+            .filter(|&n| n != batch.batches_in_epoch)
+        {
+            return Some(format!(
+                "earlier batches of the stage said {n} batches_in_epoch"
+            ));
         }
         let dims = Dims::of(batch).ok()?;
         match self.img_size {
             Some(s) if dims.height != s as usize || dims.width != s as usize => {
-                return Some(format!("its images are {}x{}, the run's {s}x{s}", dims.height, dims.width))
+                return Some(format!(
+                    "its images are {}x{}, the run's {s}x{s}",
+                    dims.height, dims.width
+                ))
             }
             Some(_) => {}
             None if dims.height != dims.width => {
-                return Some(format!("its images are {}x{}, not square", dims.height, dims.width))
+                return Some(format!(
+                    "its images are {}x{}, not square",
+                    dims.height, dims.width
+                ))
             }
             None => self.img_size = Some(dims.height as u32),
         }
         match self.opts.batch_size {
-            Some(b) if dims.n > b as usize => Some(format!("it has {} images, more than --batch-size {b}", dims.n)),
+            Some(b) if dims.n > b as usize => Some(format!(
+                "it has {} images, more than --batch-size {b}",
+                dims.n
+            )),
             _ => None,
         }
     }
@@ -586,7 +644,11 @@ impl<C: Coordination> Runner<'_, C> {
     ) -> Result<StepMetrics, TrainError> {
         let batch = &mut delivery.batch;
         let phase = self.hyper.phase(progress.epoch, self.opts.epochs);
-        let lr = phase.lr_at(progress.epoch, progress.done.len() as u32, batch.batches_in_epoch);
+        let lr = phase.lr_at(
+            progress.epoch,
+            progress.done.len() as u32,
+            batch.batches_in_epoch,
+        );
         let pixels = std::mem::take(&mut batch.pixels);
         let labels = batch.labels.clone();
         let shape = shape_of(batch);
@@ -625,7 +687,11 @@ impl<C: Coordination> Runner<'_, C> {
     }
 
     /// Adds the delivery's batch to the stage's tally, then acks it.
-    async fn validate(&mut self, delivery: &mut Delivery, progress: &mut EpochProgress) -> Result<(), TrainError> {
+    async fn validate(
+        &mut self,
+        delivery: &mut Delivery,
+        progress: &mut EpochProgress,
+    ) -> Result<(), TrainError> {
         let batch = &mut delivery.batch;
         let pixels = std::mem::take(&mut batch.pixels);
         let labels = batch.labels.clone();

@@ -173,7 +173,10 @@ impl TrainState {
             self.model = model;
         }
         info!(from = %self.policy(), to = %policy, backbone_lr_scale, "new training phase: fresh optimizer");
-        self.optimizer = Optimizer::new(self.opts.optimizer, self.model.param_groups(backbone_lr_scale));
+        self.optimizer = Optimizer::new(
+            self.opts.optimizer,
+            self.model.param_groups(backbone_lr_scale),
+        );
         self.backbone_lr_scale = backbone_lr_scale;
         Ok(())
     }
@@ -236,14 +239,16 @@ impl TrainState {
         let (logits, losses) = tch::no_grad(|| {
             with_precision(self.opts.precision, self.opts.device, || {
                 let logits = self.model.forward_t(&x, false).to_kind(Kind::Float);
-                let losses = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0);
+                let losses =
+                    logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0);
                 losses.map(|l| (logits, l))
             })
         })?;
         let k = 5.min(self.opts.num_classes);
         let (_, top) = logits.f_topk(k, -1, true, true)?;
         let top: Vec<i64> = Vec::try_from(top.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
-        let losses: Vec<f64> = Vec::try_from(losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+        let losses: Vec<f64> =
+            Vec::try_from(losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
         for (i, (&label, loss)) in batch.labels.iter().zip(losses).enumerate() {
             let ranked: Vec<usize> = top[i * k as usize..(i + 1) * k as usize]
                 .iter()
@@ -287,7 +292,9 @@ mod tests {
     }
 
     fn batch() -> (Vec<u8>, Vec<u32>) {
-        let pixels = (0..4 * 75 * 75 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+        let pixels = (0..4 * 75 * 75 * 3)
+            .map(|i| ((i * 37) % 251) as u8)
+            .collect();
         (pixels, vec![0, 1, 2, 3])
     }
 
@@ -337,7 +344,12 @@ mod tests {
         }
         assert_eq!(st.step, 6);
         assert_eq!(last.images, 4);
-        assert!(last.loss < first.loss, "loss {} -> {}", first.loss, last.loss);
+        assert!(
+            last.loss < first.loss,
+            "loss {} -> {}",
+            first.loss,
+            last.loss
+        );
     }
 
     #[test]
@@ -353,7 +365,10 @@ mod tests {
         let mut tally = EvalTally::new(4);
         st.evaluate(view, &mut tally).unwrap();
         assert_eq!(tally.images(), 4);
-        assert!((tally.top5() - 1.0).abs() < 1e-12, "4 classes: top-5 holds every label");
+        assert!(
+            (tally.top5() - 1.0).abs() < 1e-12,
+            "4 classes: top-5 holds every label"
+        );
         assert!(tally.mean_loss() > 0.0);
     }
 
@@ -373,7 +388,10 @@ mod tests {
         st.save(&path, 1, 75).unwrap();
         let back = TrainState::resume(opts(), 1.0, &path).unwrap();
         let meta = back.resumed_from().unwrap();
-        assert_eq!((back.step, meta.epoch, meta.policy, meta.img_size), (1, 1, Policy::Head, 75));
+        assert_eq!(
+            (back.step, meta.epoch, meta.policy, meta.img_size),
+            (1, 1, Policy::Head, 75)
+        );
         let a = st.var_store().variables()["fc.weight"].shallow_clone();
         let b = back.var_store().variables()["fc.weight"].shallow_clone();
         assert!(a.equal(&b));

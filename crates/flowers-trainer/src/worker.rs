@@ -93,7 +93,9 @@ mod tests {
 
     #[tokio::test]
     async fn runs_jobs_in_order_on_one_thread() {
-        let w = Worker::spawn("t", || Ok::<_, String>(Vec::<u32>::new())).await.unwrap();
+        let w = Worker::spawn("t", || Ok::<_, String>(Vec::<u32>::new()))
+            .await
+            .unwrap();
         let main_thread = thread::current().id();
         for i in 0..3 {
             let id = w

@@ -71,7 +71,11 @@ struct RunArgs {
     #[arg(long)]
     start_epoch: Option<u32>,
     /// Pretrained weights (safetensors, e.g. from `just weights`), or `none` to train from scratch.
-    #[arg(long, env = "FLOWERS_WEIGHTS", default_value = "weights/inception_v3_tf2015.safetensors")]
+    #[arg(
+        long,
+        env = "FLOWERS_WEIGHTS",
+        default_value = "weights/inception_v3_tf2015.safetensors"
+    )]
     weights: String,
     /// Continue from a checkpoint (its model, optimizer state and position in the run).
     #[arg(long)]
@@ -242,7 +246,11 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         RunOutcome::Finished(Some(m)) => println!("accuracy={:.4}", m.top1),
         RunOutcome::Finished(None) => {}
         RunOutcome::Interrupted { epoch, stage } => {
-            tracing::info!(epoch, ?stage, "interrupted; resume with --resume <checkpoint-dir>/latest.safetensors")
+            tracing::info!(
+                epoch,
+                ?stage,
+                "interrupted; resume with --resume <checkpoint-dir>/latest.safetensors"
+            )
         }
     }
     Ok(())

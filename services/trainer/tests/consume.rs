@@ -36,7 +36,11 @@ impl Coordination for Recorder {
         *self.trained.entry((m.epoch, m.batch_index)).or_default() += 1;
         Ok(())
     }
-    async fn before_validation(&mut self, e: u32, w: &Worker<TrainState>) -> Result<(), TrainError> {
+    async fn before_validation(
+        &mut self,
+        e: u32,
+        w: &Worker<TrainState>,
+    ) -> Result<(), TrainError> {
         self.inner.before_validation(e, w).await
     }
     async fn should_validate(&mut self, e: u32) -> Result<bool, TrainError> {
@@ -93,23 +97,45 @@ async fn trains_each_batch_once_acks_it_and_validates_each_epoch() {
 
     let mut rec = Recorder::default();
     let (_tx, stop) = tokio::sync::watch::channel(false);
-    let outcome = run(&options(&run_id, 2, Some(dir.path())), model(), &hyper(), &mut rec, stop)
-        .await
-        .unwrap();
+    let outcome = run(
+        &options(&run_id, 2, Some(dir.path())),
+        model(),
+        &hyper(),
+        &mut rec,
+        stop,
+    )
+    .await
+    .unwrap();
 
-    let expected: BTreeMap<(u32, u32), u32> =
-        [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)].into_iter().map(|k| (k, 1)).collect();
+    let expected: BTreeMap<(u32, u32), u32> = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+        .into_iter()
+        .map(|k| (k, 1))
+        .collect();
     assert_eq!(rec.trained, expected, "each batch trained exactly once");
     assert_eq!(rec.validations.len(), 2);
     assert!(rec.validations.iter().all(|v| v.images == 4));
-    assert_eq!(outcome, RunOutcome::Finished(Some(rec.validations[1].clone())));
+    assert_eq!(
+        outcome,
+        RunOutcome::Finished(Some(rec.validations[1].clone()))
+    );
     for e in 0..2 {
-        assert_eq!(ready(&run_id, "train", e).await, 0, "train.{e} drained and acked");
-        assert_eq!(ready(&run_id, "val", e).await, 0, "val.{e} drained and acked");
+        assert_eq!(
+            ready(&run_id, "train", e).await,
+            0,
+            "train.{e} drained and acked"
+        );
+        assert_eq!(
+            ready(&run_id, "val", e).await,
+            0,
+            "val.{e} drained and acked"
+        );
     }
     assert_eq!(ready(&run_id, "dead", 0).await, 0);
     let meta = read_checkpoint_meta(&dir.path().join("latest.safetensors")).unwrap();
-    assert_eq!((meta.epoch, meta.step, meta.img_size), (2, 6, i64::from(IMG)));
+    assert_eq!(
+        (meta.epoch, meta.step, meta.img_size),
+        (2, 6, i64::from(IMG))
+    );
     cleanup(&run_id, 2).await;
 }
 
@@ -137,11 +163,26 @@ async fn malformed_message_is_dead_lettered_and_training_goes_on() {
 
     let mut rec = Recorder::default();
     let (_tx, stop) = tokio::sync::watch::channel(false);
-    let outcome = run(&options(&run_id, 1, None), model(), &hyper(), &mut rec, stop).await.unwrap();
+    let outcome = run(
+        &options(&run_id, 1, None),
+        model(),
+        &hyper(),
+        &mut rec,
+        stop,
+    )
+    .await
+    .unwrap();
 
     assert!(matches!(outcome, RunOutcome::Finished(Some(_))));
-    assert_eq!(rec.trained.keys().copied().collect::<Vec<_>>(), [(0, 0), (0, 1)]);
-    assert_eq!(ready(&run_id, "dead", 0).await, 1, "the broken message is in the dead-letter queue");
+    assert_eq!(
+        rec.trained.keys().copied().collect::<Vec<_>>(),
+        [(0, 0), (0, 1)]
+    );
+    assert_eq!(
+        ready(&run_id, "dead", 0).await,
+        1,
+        "the broken message is in the dead-letter queue"
+    );
     assert_eq!(ready(&run_id, "train", 0).await, 0);
     cleanup(&run_id, 1).await;
 }

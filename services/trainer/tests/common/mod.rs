@@ -19,8 +19,15 @@ pub fn broker_url() -> String {
 
 /// A run id no other test (or earlier run of this one) uses.
 pub fn unique_run(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("t-{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "t-{prefix}-{}-{}",
+        std::process::id(),
+        nanos % 1_000_000_000
+    )
 }
 
 /// Batch `index` of `count` of a split: `n` 75 px images of deterministic pixels and labels.
@@ -38,7 +45,9 @@ pub fn batch(run: &str, epoch: u32, split: Split, index: u32, count: u32, n: u32
         .map(|i| ((i * 31 + index as usize * 7 + epoch as usize) % 256) as u8)
         .collect();
     let labels = (0..n).map(|i| (index * 5 + i) % CLASSES).collect();
-    let names = (0..n).map(|i| format!("jpg/image_{:05}.jpg", index * 10 + i + 1)).collect();
+    let names = (0..n)
+        .map(|i| format!("jpg/image_{:05}.jpg", index * 10 + i + 1))
+        .collect();
     build_batch(&header, IMG, IMG, names, labels, pixels).unwrap()
 }
 
@@ -48,7 +57,14 @@ pub fn epochs(run: &str, epochs: u32, train: u32, val: u32) -> Vec<Batch> {
     let mut out = Vec::new();
     for e in 0..epochs {
         for i in 0..train {
-            out.push(batch(run, e, Split::Train, i, train, if i + 1 == train { 2 } else { 4 }));
+            out.push(batch(
+                run,
+                e,
+                Split::Train,
+                i,
+                train,
+                if i + 1 == train { 2 } else { 4 },
+            ));
         }
         for i in 0..val {
             out.push(batch(run, e, Split::Validation, i, val, 4));
@@ -75,7 +91,10 @@ pub async fn ready(run: &str, which: &str, epoch: u32) -> u32 {
         _ => dead_queue(run),
     };
     let conn = connect(&broker_url(), "trainer test").await.unwrap();
-    let n = message_count(&conn, &queue).await.unwrap().expect("queue exists");
+    let n = message_count(&conn, &queue)
+        .await
+        .unwrap()
+        .expect("queue exists");
     let _ = conn.close(200, "OK".into()).await;
     n
 }
