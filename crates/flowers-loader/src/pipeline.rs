@@ -361,8 +361,9 @@ pub struct PublishBenchReport {
 }
 
 /// Publishes every image of `images` (from `store`) once, in batches of
-/// `batch_size`, to a throwaway run `run_id` with no consumer and no
-/// backpressure, timing until the last confirm; deletes the run's queues.
+/// `batch_size`, to a throwaway run `run_id` with no consumer, timing until
+/// the last confirm; deletes the run's queues. `opts.max_queued_batches` is
+/// raised so that backpressure never waits.
 pub async fn publish_bench(
     broker_url: &str,
     run_id: &str,
@@ -370,7 +371,7 @@ pub async fn publish_bench(
     images: &[ImageInfo],
     num_classes: u32,
     batch_size: usize,
-    max_message_bytes: usize,
+    opts: PublisherOptions,
 ) -> Result<PublishBenchReport, LoaderError> {
     let planner = EpochPlanner {
         run_id: run_id.to_string(),
@@ -382,8 +383,7 @@ pub async fn publish_bench(
     };
     let opts = PublisherOptions {
         max_queued_batches: planner.train_batches_per_epoch() + 1,
-        max_message_bytes,
-        ..Default::default()
+        ..opts
     };
     let assembler = Arc::new(Assembler::new(store, images));
     let mut publisher = Publisher::connect(broker_url, run_id, 1, opts).await?;

@@ -57,6 +57,9 @@ struct Input {
     /// Largest encoded batch message; larger batches are refused before publishing.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Batches sent ahead of their publisher confirms.
+    #[arg(long, default_value_t = 16)]
+    max_unconfirmed: usize,
     /// Directory for the preprocessed pixel store (img_size^2 * 3 bytes per image).
     #[arg(long, env = "FLOWERS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -173,6 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         publisher: PublisherOptions {
             max_queued_batches: args.max_queued_batches,
             max_message_bytes: args.input.max_message_bytes,
+            max_unconfirmed: args.input.max_unconfirmed,
             ..Default::default()
         },
         cache_dir: args.input.cache_dir(),
@@ -254,7 +258,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &pre.images,
         labels.num_classes(),
         input.batch_size,
-        input.max_message_bytes,
+        PublisherOptions {
+            max_message_bytes: input.max_message_bytes,
+            max_unconfirmed: input.max_unconfirmed,
+            ..Default::default()
+        },
     )
     .await
     .context("publish benchmark")?;
