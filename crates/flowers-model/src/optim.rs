@@ -279,10 +279,14 @@ fn update(kind: OptimizerKind, lr: f64, param: &mut Tensor, grad: &Tensor, st: &
             let (exp_avg, exp_inf) = moments(&mut st.buffers, param);
             let _ = exp_avg.lerp_(&grad, 1.0 - beta1);
             let _ = exp_inf.g_mul_scalar_(beta2);
-            let _ = exp_inf.maximum_out(exp_inf, &(grad.abs() + eps));
+            let mut abs_eps = grad.abs();
+            let _ = abs_eps.g_add_scalar_(eps);
+            let _ = exp_inf.maximum_out(exp_inf, &abs_eps);
             let clr = lr / (1.0 - beta1.powf(step));
             // addcdiv_(exp_avg, exp_inf, value=-clr) evaluates (value * t1) / t2.
-            *param += exp_avg.g_mul_scalar(-clr) / &*exp_inf;
+            let mut update = exp_avg.g_mul_scalar(-clr);
+            update /= &*exp_inf;
+            *param += update;
         }
         OptimizerKind::Adam {
             beta1, beta2, eps, ..
