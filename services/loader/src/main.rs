@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flowers_broker::{PublisherOptions, DEFAULT_BROKER_URL};
+use flowers_coordinator::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
 use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
@@ -124,6 +125,12 @@ struct RunArgs {
     /// Most unconsumed batches across the run's queues; publishing waits beyond it.
     #[arg(long, default_value_t = 64)]
     max_queued_batches: u32,
+    /// Coordinator to register the run with (e.g. http://127.0.0.1:50051); none: publish only.
+    #[arg(long, env = "FLOWERS_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Bearer token for the coordinator.
+    #[arg(long, env = "FLOWERS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args)]
@@ -188,8 +195,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || prepare(&cfg)).await??
     };
     log_prepared(&prepared);
-    // Hook: registering the run with the coordinator (RegisterRun with
-    // prepared.run_config(&cfg)) belongs here, before the first batch.
+    if let Some(address) = &args.coordinator {
+        // Registered before the first batch, so the coordinator counts every one.
+        let client =
+            CoordinatorClient::connect(&ClientConfig::new(address.clone()).token(args.token))
+                .with_context(|| format!("connecting to the coordinator at {address}"))?;
+        let run = client
+            .register_run(prepared.run_config(&cfg), Some(&cfg.run_id))
+            .await
+            .with_context(|| format!("registering run {} with {address}", cfg.run_id))?;
+        info!(run_id = %run.run_id, coordinator = %address, "run registered");
+    }
     let summary = prepared.publish(&cfg).await?;
     log_summary(&summary);
     Ok(())
