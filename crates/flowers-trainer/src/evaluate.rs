@@ -55,6 +55,8 @@ pub struct Evaluation {
 /// top-5, per-class accuracy and the most confused pairs; the report's last line is
 /// `accuracy=<top-1>`.
 pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
+    // First the cheap checks of every input file, then the slow preprocessing.
+    let meta = read_checkpoint_meta(&opts.checkpoint)?;
     let labels = Labels::from_mat_file(&opts.labels)?;
     let names = opts
         .class_names
@@ -78,7 +80,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         &PreprocessOptions {
             img_size: opts.img_size,
             threads: opts.threads,
-            limit: None,
+            ..PreprocessOptions::default()
         },
         &opts.cache_dir,
     )?;
@@ -108,7 +110,6 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         )));
     }
 
-    let meta = read_checkpoint_meta(&opts.checkpoint)?;
     if meta.img_size > 0 && meta.img_size != i64::from(opts.img_size) {
         warn!(
             trained = meta.img_size,

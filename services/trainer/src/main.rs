@@ -52,6 +52,10 @@ impl Compute {
             tch::set_num_threads(n);
         }
         let device = self.device.resolve()?;
+        if device.is_cuda() {
+            // Batch shapes are fixed within a run: let cuDNN pick the fastest kernels once.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         tracing::info!(?device, precision = %self.precision.effective(device), threads = tch::get_num_threads(), "compute");
         Ok(device)
     }
