@@ -5,7 +5,10 @@ root := justfile_directory()
 # tch builds against the project venv's PyTorch (torch 2.11.0).
 export LIBTORCH_USE_PYTORCH := "1"
 export PATH := root / ".venv/bin" + ":" + env_var("PATH")
-export FLOWERS_DIR := env_var_or_default("FLOWERS_DIR", root / "../shared/flowers")
+# The data set: $FLOWERS_DIR, else the workspace's ../shared/flowers where it exists; when
+# neither, `just demo` downloads the official files (scripts/fetch-data.sh).
+shared_flowers := root / "../shared/flowers"
+export FLOWERS_DIR := env_var_or_default("FLOWERS_DIR", if path_exists(shared_flowers) == "true" { shared_flowers } else { "" })
 export RUST_LOG := env_var_or_default("RUST_LOG", "info")
 
 default:

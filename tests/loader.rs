@@ -45,7 +45,7 @@ async fn two_epochs_arrive_byte_exact_shuffled_and_complete() {
     let preprocess = PreprocessOptions {
         img_size: IMG,
         threads: 2,
-        limit: None,
+        ..PreprocessOptions::default()
     };
     let cfg = LoaderConfig {
         data: data.archive.clone(),

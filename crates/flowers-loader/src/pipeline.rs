@@ -183,7 +183,10 @@ pub fn prepare(cfg: &LoaderConfig) -> Result<Prepared, LoaderError> {
         validation: split.validation,
         batch_size: cfg.batch_size,
         seed: cfg.seed,
-        num_classes: labels.num_classes(),
+        num_classes: cfg
+            .preprocess
+            .classes
+            .map_or(labels.num_classes(), |c| c.min(labels.num_classes())),
     };
     Ok(Prepared {
         images: pre.images.len(),

@@ -28,6 +28,9 @@ pub struct PreprocessOptions {
     pub threads: usize,
     /// Only the first `limit` images of the archive.
     pub limit: Option<usize>,
+    /// Only images of the first `classes` classes (labels 1..=classes); the others are not
+    /// decoded. For small runs and tests on a subset of the data set.
+    pub classes: Option<u32>,
 }
 
 impl Default for PreprocessOptions {
@@ -36,6 +39,7 @@ impl Default for PreprocessOptions {
             img_size: 299,
             threads: 0,
             limit: None,
+            classes: None,
         }
     }
 }
@@ -279,7 +283,8 @@ where
             .name("archive-reader".into())
             .spawn_scoped(scope, move || -> Result<usize, PreprocessError> {
                 let mut reader = ArchiveReader::open(archive)?;
-                for (slot, image) in reader.images()?.enumerate() {
+                let mut slot = 0usize;
+                for image in reader.images()? {
                     if opts.limit.is_some_and(|limit| slot >= limit) {
                         break;
                     }
@@ -292,10 +297,14 @@ where
                             labelled: labels.len(),
                         }
                     })?;
+                    if opts.classes.is_some_and(|classes| label >= classes) {
+                        continue;
+                    }
                     if tx.send((slot as u64, label, image)).is_err() {
                         // The workers stopped on an error of their own, reported by them.
                         break;
                     }
+                    slot += 1;
                 }
                 Ok(reader.ignored())
             })
@@ -379,6 +388,7 @@ mod tests {
             img_size,
             threads,
             limit: None,
+            classes: None,
         }
     }
 
@@ -450,6 +460,19 @@ mod tests {
             [2, 5],
             "the first two images in archive order"
         );
+
+        let first_class = PreprocessOptions {
+            classes: Some(1),
+            ..opts(32, 1)
+        };
+        let out = preprocess_archive(&archive, &labels, &first_class, &cache).unwrap();
+        assert_eq!(
+            out.images.iter().map(|i| i.number).collect::<Vec<_>>(),
+            [3, 9],
+            "only label 1 (0-based 0); the corrupt image of label 2 is not even decoded"
+        );
+        assert!(out.skipped.is_empty());
+        assert_eq!(out.store.len(), 2);
     }
 
     #[test]

@@ -49,6 +49,9 @@ struct Input {
     /// Only the first N images of the archive.
     #[arg(long)]
     limit: Option<usize>,
+    /// Only images of the first N classes (labels 1..=N); the run then has N classes.
+    #[arg(long)]
+    classes: Option<u32>,
     /// Images per batch (the last of a split may be short).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -72,6 +75,7 @@ impl Input {
             img_size: self.img_size,
             threads: self.threads,
             limit: self.limit,
+            classes: self.classes,
         }
     }
 
