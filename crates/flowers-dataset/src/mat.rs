@@ -210,16 +210,22 @@ pub struct ClassNames {
 
 impl ClassNames {
     pub fn from_json_file(path: &Path) -> Result<Self, DatasetError> {
-        let bad = |message: String| DatasetError::ClassNames {
-            path: PathBuf::from(path),
-            message,
-        };
         let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses `cat_to_name.json` text already in memory (e.g. a copy bundled in a binary);
+    /// `origin` is what errors name.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, DatasetError> {
+        let bad = |message: String| DatasetError::ClassNames {
+            path: PathBuf::from(origin),
+            message,
+        };
         let map: HashMap<String, String> =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let by_label = map
             .into_iter()
             .map(|(key, name)| match key.trim().parse::<u32>() {
@@ -380,5 +386,12 @@ mod tests {
             err.contains("cat_to_name.json") && err.contains("zero"),
             "{err}"
         );
+
+        let names = ClassNames::from_json_str(r#"{"2": "x"}"#, Path::new("bundled")).unwrap();
+        assert_eq!((names.len(), names.name(1)), (1, Some("x")));
+        let err = ClassNames::from_json_str("[", Path::new("bundled names"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bundled names"), "{err}");
     }
 }

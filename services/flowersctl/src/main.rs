@@ -1,6 +1,7 @@
-//! flowersctl: the coordinator's command-line client.
+//! flowersctl: the coordinator's command-line client, and `predict` with a trained checkpoint.
 
 mod plot;
+mod predict;
 mod render;
 mod watch;
 
@@ -71,6 +72,8 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Top-5 flowers in JPEG images under a checkpoint (a file, or a run's best).
+    Predict(predict::PredictArgs),
 }
 
 /// The run to show when none is named: the newest running one, else the newest.
@@ -183,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             plot::plot(&status, &output)?;
             println!("{}", output.display());
         }
+        Command::Predict(args) => predict::predict(&client, args).await?,
     }
     Ok(())
 }

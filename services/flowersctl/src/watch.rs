@@ -70,7 +70,15 @@ pub async fn watch(client: &CoordinatorClient, run: &str) -> anyhow::Result<()> 
         match event.event {
             Some(Event::Snapshot(s)) => {
                 bars.snapshot(&s);
-                if s.state != pb::RunState::Running as i32 {
+                if s.state == pb::RunState::Running as i32 {
+                    // Says that the stream is up: later events will be shown.
+                    bars.println(format!(
+                        "following run {} at epoch {}/{}",
+                        s.run_id,
+                        s.current_epoch.min(bars.epochs.saturating_sub(1)) + 1,
+                        bars.epochs
+                    ));
+                } else {
                     bars.println(format!(
                         "run {} is {}",
                         s.run_id,

@@ -248,14 +248,32 @@ async fn watch_follows_a_run_to_its_end() {
     let (server, c) = start(dir.path()).await;
     let (run, _) = run_one_epoch(&c).await;
     let url = server.url();
+    let (subscribed, wait_subscribed) = std::sync::mpsc::channel();
     let watcher = std::thread::spawn(move || {
-        Command::new(env!("CARGO_BIN_EXE_flowersctl"))
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flowersctl"))
             .args(["--coordinator", &url, "--token", TOKEN, "watch", "cli-run"])
             .env("RUST_LOG", "error")
-            .output()
-            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = String::new();
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if line.starts_with("following run") {
+                subscribed.send(()).unwrap();
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        (child.wait_with_output().unwrap(), stdout)
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first snapshot line: the watch stream is up, so no later event is missed.
+    tokio::task::spawn_blocking(move || wait_subscribed.recv_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("watch never showed the run");
     // Finish epoch 2.
     let w = "w1";
     let d = c
@@ -275,14 +293,17 @@ async fn watch_follows_a_run_to_its_end() {
         loss_sum: 2.0,
     };
     c.report_evaluation(&run, w, 1, vec![batch]).await.unwrap();
-    let out = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+    let (out, stdout) = tokio::task::spawn_blocking(move || watcher.join().unwrap())
         .await
         .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("following run cli-run at epoch 2/2\n"),
+        "{stdout}"
     );
     assert!(stdout.contains("epoch 2 trained"), "{stdout}");
     assert!(
