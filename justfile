@@ -18,12 +18,16 @@ default:
 setup:
     @scripts/setup.sh
 
+# The main job: a real training run on this machine (coordinator, loader, 2 trainers); see --help.
+demo *args: build weights
+    scripts/demo.sh {{args}}
+
 # Build every service (release).
 build: setup
     cargo build --release --workspace --bins
 
 # The whole test suite: unit, PyTorch equivalence, broker integration, end to end.
-test: setup
+test: setup weights
     cargo build --workspace --bins
     cargo test --workspace --no-fail-fast
 

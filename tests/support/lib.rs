@@ -24,26 +24,28 @@ pub fn broker_url() -> String {
 /// first use, so the tests never run a stale one.
 pub fn loader_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "loader", "--bin", "loader"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cargo build -p loader failed");
-            // Test executables live in target/<profile>/deps; binaries one level up.
-            let exe = std::env::current_exe().expect("test executable path");
-            let bin = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("target dir")
-                .join("loader");
-            assert!(bin.exists(), "{} missing after the build", bin.display());
-            bin
-        })
-        .clone()
+    BUILT.get_or_init(|| workspace_binary("loader")).clone()
+}
+
+/// Builds (or brings up to date) the binary of the workspace package `package`
+/// (each service package has one binary of its own name) and returns its path.
+pub fn workspace_binary(package: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", package])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(package);
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
 }
 
 /// A run id no other test (or test process) uses: `<prefix>-<pid>-<time>-<n>`.
@@ -229,4 +231,82 @@ impl SmallDataset {
             corrupt: corrupt_names,
         }
     }
+}
+
+/// A service process started by a test; killed (SIGKILL) when dropped, so a failing
+/// test leaves nothing running. Its stdout and stderr go to `log`.
+pub struct Service {
+    pub name: String,
+    pub log: PathBuf,
+    child: std::process::Child,
+}
+
+impl Service {
+    pub fn spawn(name: &str, mut command: Command, log_dir: &std::path::Path) -> Service {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Service {
+            name: name.to_string(),
+            log,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.child.wait().expect("wait for the service")
+    }
+
+    /// The exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("poll the service")
+    }
+
+    /// The last lines of its log, for assertion messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            all[all.len().saturating_sub(lines)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
 }
