@@ -41,7 +41,7 @@ struct Input {
     #[arg(long, env = "FLOWERS_LABELS")]
     labels: PathBuf,
     /// Output image side.
-    #[arg(long, default_value_t = 299)]
+    #[arg(long, env = "FLOWERS_IMG_SIZE", default_value_t = 299)]
     img_size: u32,
     /// Decoding threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
@@ -53,7 +53,7 @@ struct Input {
     #[arg(long)]
     classes: Option<u32>,
     /// Images per batch (the last of a split may be short).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "FLOWERS_BATCH_SIZE", default_value_t = 32)]
     batch_size: usize,
     /// RabbitMQ URL [env: FLOWERS_BROKER_URL, then AMQP_URL].
     #[arg(long)]
