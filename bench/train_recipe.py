@@ -8,9 +8,14 @@ official train ids (setid.mat `trnid`) and validates on `valid` after every epoc
 
   reference  Adamax lr 1e-2 on the reference policy (Keras' last 50 layers' convolutions, every
              BatchNorm beta, the head), constant lr.
-  fast       2 head-only epochs (Adamax 1e-2, frozen backbone, BatchNorms in eval mode), then the
-             reference policy with Adamax at 3e-3 for the head and 3e-4 for pretrained layers,
-             cosine to lr/100 over the remaining steps, label smoothing 0.1.
+  fast       FAST["head_epochs"] head-only epochs (Adamax FAST["head_lr"], frozen backbone,
+             BatchNorms in eval mode), then the `top` policy (the reference convolutions and the
+             head, every BatchNorm still frozen in eval mode) with Adamax at FAST["lr"] for the
+             head and FAST["lr"] * FAST["backbone_scale"] for the convolutions, cosine to lr/100
+             over the remaining steps; label smoothing 0.1 throughout.
+
+--policy/--lr/--backbone-scale/--head-epochs/--head-lr/--schedule/--smoothing override the
+recipe's values (for choosing them); --cache DIR keeps the decoded images between runs.
 
 Both flip training images at random (p = 1/2); batch 32; images centre-cropped and resized like
 bench/reference_loader.py; input x / 127.5 - 1. Prints one line per epoch and, last,
@@ -102,13 +107,16 @@ def load_split(args):
     return {s: (torch.from_numpy(np.stack(x)), torch.tensor(y)) for s, (x, y) in out.items()}
 
 
-def phases(recipe, epochs):
-    """[(first_epoch, n_epochs, policy, lr, backbone_scale, schedule, smoothing)] like recipe.rs."""
-    if recipe == "reference":
-        return [(0, epochs, "reference", 1e-2, 1.0, "constant", 0.0)]
-    warm = min(2, max(epochs - 1, 0))
-    main = (warm, epochs - warm, "reference", 3e-3, 0.1, "cosine", 0.1)
-    return ([(0, warm, "head", 1e-2, 1.0, "constant", 0.1)] if warm else []) + [main]
+# crates/flowers-trainer/src/recipe.rs, Hyper::new.
+REFERENCE = dict(policy="reference", lr=1e-2, backbone_scale=1.0, schedule="constant", smoothing=0.0, head_epochs=0, head_lr=1e-2)
+FAST = dict(policy="top", lr=1e-3, backbone_scale=0.3, schedule="cosine", smoothing=0.1, head_epochs=1, head_lr=1e-2)
+
+
+def phases(h, epochs):
+    """[(first_epoch, n_epochs, policy, lr, backbone_scale, schedule, smoothing)] like Hyper::phase."""
+    warm = 0 if h["policy"] == "head" else min(h["head_epochs"], max(epochs - 1, 0))
+    main = (warm, epochs - warm, h["policy"], h["lr"], h["backbone_scale"], h["schedule"], h["smoothing"])
+    return ([(0, warm, "head", h["head_lr"], 1.0, "constant", h["smoothing"])] if warm else []) + [main]
 
 
 def lr_at(lr, schedule, step, total):
@@ -139,20 +147,36 @@ def main():
     ap.add_argument("--img-size", type=int, default=299)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", help="directory for the decoded images (reused when present)")
+    ap.add_argument("--policy", choices=["reference", "head", "top", "all"])
+    for flag, kind in [("lr", float), ("backbone-scale", float), ("head-epochs", int), ("head-lr", float), ("smoothing", float)]:
+        ap.add_argument(f"--{flag}", type=kind)
+    ap.add_argument("--schedule", choices=["constant", "cosine"])
     args = ap.parse_args()
+    h = dict(REFERENCE if args.recipe == "reference" else FAST)
+    for key in h:
+        if getattr(args, key) is not None:
+            h[key] = getattr(args, key)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     t0 = time.perf_counter()
-    data = load_split(args)
+    cached = args.cache and os.path.join(args.cache, f"flowers_official_{args.img_size}.pt")
+    if cached and os.path.exists(cached):
+        data = torch.load(cached)
+    else:
+        data = load_split(args)
+        if cached:
+            os.makedirs(args.cache, exist_ok=True)
+            torch.save(data, cached)
     (xt, yt), (xv, yv) = data["train"], data["val"]
-    print(f"train={len(yt)} val={len(yv)} img_size={args.img_size} preprocess_s={time.perf_counter() - t0:.1f}", flush=True)
+    print(f"train={len(yt)} val={len(yv)} img_size={args.img_size} preprocess_s={time.perf_counter() - t0:.1f} {h}", flush=True)
     model = build_model(args.weights)
     steps_per_epoch = math.ceil(len(yt) / BATCH)
     start = time.perf_counter()
     acc = float("nan")
-    for first, n_epochs, policy, lr, scale, schedule, smoothing in phases(args.recipe, args.epochs):
+    for first, n_epochs, policy, lr, scale, schedule, smoothing in phases(h, args.epochs):
         frozen_bns = apply_policy(model, policy)
         head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("fc.")]
         backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]

@@ -3,7 +3,8 @@
 
 torchvision Inception3 (aux_logits=False, init_weights=False, 102 classes), the same trainable
 policy (see flowers-model: `reference` = the Keras notebook's last-50-layer convolutions, every
-BatchNorm beta, fc; `head` = fc only with BatchNorms in eval mode; `all`), the same optimizer and
+BatchNorm beta, fc; `head` = fc only with BatchNorms in eval mode; `top` = the reference
+convolutions and fc with BatchNorms in eval mode; `all`), the same optimizer and
 the same step: uint8 NHWC -> float NCHW in [-1, 1] with random flips, forward, cross-entropy,
 zero_grad, backward, update. Prints `images_per_s=<n>`.
 
@@ -39,14 +40,14 @@ def apply_policy(model, policy):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = 0.1
-            if policy == "head":
+            if policy in ("head", "top"):
                 frozen_bns.append(module)
     for name, p in model.named_parameters():
         if name.startswith("fc.") or policy == "all":
             p.requires_grad_(True)
         elif policy == "head":
             p.requires_grad_(False)
-        elif name.endswith(".bn.bias"):
+        elif name.endswith(".bn.bias") and policy == "reference":
             p.requires_grad_(True)
         elif name.endswith(".conv.weight"):
             p.requires_grad_(name[: -len(".conv.weight")] in REFERENCE_TRAINABLE_CONVS)
@@ -75,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=150)
-    ap.add_argument("--trainable", choices=["reference", "head", "all"], default="reference")
+    ap.add_argument("--trainable", choices=["reference", "head", "top", "all"], default="reference")
     ap.add_argument("--optimizer", choices=["adamax", "adam", "sgd"], default="adamax")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--steps", type=int, default=5)

@@ -26,7 +26,7 @@ fn main() {
     let pixels = Tensor::randint(256, [batch, size, size, 3], (Kind::Int64, Device::Cpu))
         .to_kind(Kind::Uint8);
     let labels = Tensor::randint(102, [batch], (Kind::Int64, Device::Cpu));
-    for policy in [Policy::Head, Policy::Reference, Policy::All] {
+    for policy in [Policy::Head, Policy::Top, Policy::Reference, Policy::All] {
         let vs = VarStore::new(Device::Cpu);
         let model = InceptionV3::new(&vs.root(), ModelConfig::new(102, Variant::Tf2015, policy));
         let mut opt = Optimizer::new(OptimizerKind::adamax(), model.param_groups(1.0));

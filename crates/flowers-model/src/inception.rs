@@ -56,6 +56,10 @@ pub enum Policy {
     Reference,
     /// Only `fc`; every BatchNorm frozen and in eval mode.
     Head,
+    /// The reference convolutions ([`REFERENCE_TRAINABLE_CONVS`]) and `fc`; every BatchNorm
+    /// frozen and in eval mode. Fine-tunes the top of the network on small data without
+    /// replacing the pretrained running statistics by noisy batch statistics.
+    Top,
     /// Everything, every BatchNorm in training mode.
     All,
 }
@@ -65,6 +69,7 @@ impl Policy {
         match self {
             Policy::Reference => "reference",
             Policy::Head => "head",
+            Policy::Top => "top",
             Policy::All => "all",
         }
     }
@@ -82,11 +87,12 @@ impl FromStr for Policy {
         match s {
             "reference" => Ok(Policy::Reference),
             "head" => Ok(Policy::Head),
+            "top" => Ok(Policy::Top),
             "all" => Ok(Policy::All),
             _ => Err(ModelError::UnknownName {
                 what: "policy",
                 value: s.to_string(),
-                expected: "reference, head, all",
+                expected: "reference, head, top, all",
             }),
         }
     }
@@ -157,6 +163,12 @@ impl Trainability {
             },
             Policy::Head => Trainability {
                 conv: false,
+                bn_weight: false,
+                bn_bias: false,
+                bn_train: false,
+            },
+            Policy::Top => Trainability {
+                conv: REFERENCE_TRAINABLE_CONVS.contains(&layer),
                 bn_weight: false,
                 bn_bias: false,
                 bn_train: false,

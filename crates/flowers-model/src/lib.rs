@@ -57,7 +57,9 @@
 //!   running stats updated);
 //! - `fc.weight`, `fc.bias`.
 //!
-//! `head` trains `fc` only (all BatchNorms in eval mode); `all` trains everything.
+//! `head` trains `fc` only (all BatchNorms in eval mode); `top` trains the reference convolutions
+//! and `fc` with every BatchNorm frozen in eval mode (the fast recipe's main phase: on ~1000
+//! images, batch statistics in the trunk wreck the pretrained features); `all` trains everything.
 //! Frozen BatchNorms always use running statistics, whatever `train` says (Keras semantics).
 //! [`InceptionV3::trainable_parameters`] lists what trains; [`InceptionV3::sync_tensors`] adds the
 //! running stats of training BatchNorms, which is what workers must average.

@@ -31,6 +31,7 @@ fn policies_mark_exactly_the_intended_parameters() {
         (Policy::All, CONVS * 3 + 2, CONVS * 2),
         (Policy::Head, 2, 0),
         (Policy::Reference, 12 + CONVS + 2, CONVS * 2),
+        (Policy::Top, 12 + 2, 0),
     ] {
         let (vs, m) = model(policy);
         assert_eq!(vs.variables().len(), CONVS * 5 + 2);
@@ -72,26 +73,50 @@ fn policies_mark_exactly_the_intended_parameters() {
     }
     let convs = names.iter().filter(|n| n.ends_with(".conv.weight")).count();
     assert_eq!(convs, 12);
+    // `top` trains the same convolutions as `reference` and the head, no BatchNorm parameter.
+    let (_, top) = model(Policy::Top);
+    let top_names: BTreeSet<String> = top.trainable_names().into_iter().collect();
+    let expected: BTreeSet<String> = names
+        .iter()
+        .filter(|n| n.ends_with(".conv.weight") || n.starts_with("fc."))
+        .cloned()
+        .collect();
+    assert_eq!(top_names, expected);
+    assert_eq!(top.sync_tensor_names(), top.trainable_names());
+    for p in ["top", "reference", "head", "all"] {
+        assert_eq!(p.parse::<Policy>().unwrap().to_string(), p);
+    }
+    assert!("bottom"
+        .parse::<Policy>()
+        .unwrap_err()
+        .to_string()
+        .contains("top"));
 }
 
 #[test]
 fn frozen_batchnorms_stay_in_eval_mode() {
     tch::set_num_threads(2);
     let x = input(2, 1);
-    let (vs, head) = model(Policy::Head);
-    let before: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect();
-    let train = tch::no_grad(|| head.forward_t(&x, true));
-    let eval = tch::no_grad(|| head.forward_t(&x, false));
-    // Dropout is 0 here, so a head-only model computes the same in both modes...
-    assert_eq!((&train - &eval).abs().max().double_value(&[]), 0.0);
-    // ...and no running statistic moved.
-    let after = vs.variables();
-    for (name, t) in &before {
-        assert!(t.equal(&after[name]), "{name} changed");
+    for policy in [Policy::Head, Policy::Top] {
+        let (vs, m) = model(policy);
+        let before: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        let train = tch::no_grad(|| m.forward_t(&x, true));
+        let eval = tch::no_grad(|| m.forward_t(&x, false));
+        // Dropout is 0 here, so a model with frozen BatchNorms computes the same in both modes...
+        assert_eq!(
+            (&train - &eval).abs().max().double_value(&[]),
+            0.0,
+            "{policy}"
+        );
+        // ...and no running statistic moved.
+        let after = vs.variables();
+        for (name, t) in &before {
+            assert!(t.equal(&after[name]), "{policy}: {name} changed");
+        }
     }
     // Training BatchNorms do use batch statistics and update their running stats.
     let (_, all) = model(Policy::All);
