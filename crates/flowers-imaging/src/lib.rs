@@ -18,7 +18,11 @@
 //! Greyscale JPEGs are expanded to RGB by libjpeg; CMYK/YCCK JPEGs are decoded as CMYK and
 //! converted here (libjpeg cannot convert them to RGB).
 
+mod fast_decode;
+
 use std::cell::RefCell;
+
+use fast_decode::FastDecompressor;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -29,6 +33,10 @@ use turbojpeg::{Colorspace, Decompressor, PixelFormat};
 pub enum ImageError {
     #[error("not a decodable JPEG: {0}")]
     Jpeg(#[from] turbojpeg::Error),
+    #[error("not a decodable JPEG: {0}")]
+    Decode(String),
+    #[error("the JPEG decoder could not start")]
+    DecoderStart,
     #[error("JPEG has a zero-sized dimension ({width}x{height})")]
     Empty { width: usize, height: usize },
     #[error("target size must be positive")]
@@ -113,6 +121,7 @@ pub fn crop_resize_rgb(
 /// libjpeg and reallocating the decode buffer for every image.
 pub struct JpegPreprocessor {
     decompressor: Decompressor,
+    fast: FastDecompressor,
     resizer: Resizer,
     decoded: Vec<u8>,
     cmyk: Vec<u8>,
@@ -122,6 +131,7 @@ impl JpegPreprocessor {
     pub fn new() -> Result<Self, ImageError> {
         Ok(Self {
             decompressor: Decompressor::new()?,
+            fast: FastDecompressor::new()?,
             resizer: Resizer::new(),
             decoded: Vec::new(),
             cmyk: Vec::new(),
@@ -153,28 +163,13 @@ impl JpegPreprocessor {
             Colorspace::CMYK | Colorspace::YCCK => {
                 self.cmyk.resize(width * height * 4, 0);
                 // TurboJPEG 2.x picks the DCT scaling from the requested output size.
-                self.decompressor.decompress(
-                    jpeg,
-                    turbojpeg::Image {
-                        pixels: &mut self.cmyk[..],
-                        width,
-                        pitch: width * 4,
-                        height,
-                        format: PixelFormat::CMYK,
-                    },
-                )?;
+                self.fast
+                    .decompress(jpeg, &mut self.cmyk, width, height, PixelFormat::CMYK)?;
                 cmyk_to_rgb(&self.cmyk, &mut self.decoded);
             }
-            _ => self.decompressor.decompress(
-                jpeg,
-                turbojpeg::Image {
-                    pixels: &mut self.decoded[..],
-                    width,
-                    pitch: width * 3,
-                    height,
-                    format: PixelFormat::RGB,
-                },
-            )?,
+            _ => self
+                .fast
+                .decompress(jpeg, &mut self.decoded, width, height, PixelFormat::RGB)?,
         }
         crop_resize_rgb(
             &mut self.resizer,
