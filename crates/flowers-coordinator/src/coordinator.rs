@@ -14,7 +14,7 @@ use crate::state::{
     checkpoint_id, CheckedUpload, NewCheckpoint, RoundJob, Settings, State, UploadPlan,
 };
 use crate::store::{write_atomic, Store};
-use crate::tensors::{schema_of, weighted_average};
+use crate::tensors::{model_metadata, schema_of, weighted_average};
 
 /// How the coordinator behaves.
 #[derive(Clone, Debug)]
@@ -313,7 +313,12 @@ impl Coordinator {
         let (run_id, round) = (job.run_id.clone(), job.round);
         let id = checkpoint_id(round);
         let path = self.inner.store.checkpoint_file(&run_id, &id);
-        let metadata = HashMap::from([
+        let mut metadata = job
+            .uploads
+            .first()
+            .map(|(bytes, _)| model_metadata(bytes))
+            .unwrap_or_default();
+        metadata.extend([
             ("format".to_owned(), "flowers-average-v1".to_owned()),
             ("run_id".to_owned(), run_id.clone()),
             ("round".to_owned(), round.to_string()),

@@ -139,6 +139,24 @@ fn from_f64(dtype: Dtype, values: &[f64]) -> Vec<u8> {
     out
 }
 
+/// Metadata keys of an upload that describe the model rather than the upload, copied into the
+/// average so that it can be used on its own (e.g. `flowersctl predict` checks the variant).
+pub const MODEL_METADATA_KEYS: [&str; 3] = ["variant", "img_size", "num_classes"];
+
+/// The [`MODEL_METADATA_KEYS`] entries of a safetensors buffer's `__metadata__` (none when it
+/// is malformed: the average reports that).
+pub fn model_metadata(bytes: &[u8]) -> HashMap<String, String> {
+    let Ok((_, meta)) = SafeTensors::read_metadata(bytes) else {
+        return HashMap::new();
+    };
+    meta.metadata()
+        .iter()
+        .flatten()
+        .filter(|(k, _)| MODEL_METADATA_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Averages uploads `(safetensors bytes, samples)` weighted by samples (equal
 /// weights when every worker trained none), which must all share one schema.
 /// `metadata` goes into the result's safetensors header.
@@ -277,6 +295,24 @@ pub(crate) mod tests {
             t.tensor("h").unwrap().data(),
             half::bf16::from_f32(1.5).to_le_bytes()
         );
+    }
+
+    #[test]
+    fn model_metadata_keeps_the_model_keys_only() {
+        let data = 1.0f32.to_le_bytes();
+        let views = vec![("w", TensorView::new(Dtype::F32, vec![1], &data).unwrap())];
+        let meta = HashMap::from(
+            [("variant", "tf2015"), ("img_size", "75"), ("worker", "w1")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+        let kept = model_metadata(&bytes);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            (kept["variant"].as_str(), kept["img_size"].as_str()),
+            ("tf2015", "75")
+        );
+        assert!(model_metadata(b"garbage").is_empty());
     }
 
     #[test]

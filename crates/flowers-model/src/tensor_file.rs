@@ -88,6 +88,17 @@ fn to_host(name: &str, t: &Tensor, path: &Path) -> Result<HostTensor, ModelError
     })
 }
 
+fn host_tensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    path: &Path,
+) -> Result<BTreeMap<String, HostTensor>, ModelError> {
+    let mut host = BTreeMap::new();
+    for (name, t) in tensors {
+        host.insert(name.to_string(), to_host(name, t, path)?);
+    }
+    Ok(host)
+}
+
 /// Writes `tensors` (copied to host) and `metadata` to `path`, atomically (temp file + rename),
 /// so that a crash never leaves a truncated checkpoint under the final name.
 pub fn write<'a>(
@@ -95,10 +106,7 @@ pub fn write<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     metadata: &HashMap<String, String>,
 ) -> Result<(), ModelError> {
-    let mut host = BTreeMap::new();
-    for (name, t) in tensors {
-        host.insert(name.to_string(), to_host(name, t, path)?);
-    }
+    let host = host_tensors(tensors, path)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -110,6 +118,22 @@ pub fn write<'a>(
         }
     })?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The safetensors bytes of `tensors` (copied to host) and `metadata`, e.g. to send over the
+/// network; `what` names them in errors.
+pub fn to_bytes<'a>(
+    what: &str,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
+    let path = Path::new(what);
+    let host = host_tensors(tensors, path)?;
+    let meta = (!metadata.is_empty()).then(|| metadata.clone());
+    safetensors::tensor::serialize(host.iter(), meta).map_err(|source| ModelError::SafeTensors {
         path: path.to_path_buf(),
         source,
     })
@@ -176,13 +200,17 @@ fn parse_header_metadata(
 
 /// Reads every tensor (onto the CPU) and the metadata of a safetensors file.
 pub fn read(path: &Path) -> Result<TensorFile, ModelError> {
-    let bytes = read_bytes(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|source| ModelError::SafeTensors {
+    from_bytes(path, &read_bytes(path)?)
+}
+
+/// Parses safetensors bytes (tensors onto the CPU); `path` names them in errors.
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TensorFile, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|source| ModelError::SafeTensors {
         path: path.to_path_buf(),
         source,
     })?;
     let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|source| ModelError::SafeTensors {
+        SafeTensors::read_metadata(bytes).map_err(|source| ModelError::SafeTensors {
             path: path.to_path_buf(),
             source,
         })?;
@@ -223,6 +251,11 @@ mod tests {
         assert!(f.tensors["a"].equal(&a) && f.tensors["b"].equal(&b) && f.tensors["c"].equal(&c));
         assert_eq!(f.tensors["b"].size(), Vec::<i64>::new());
         assert!(!dir.path().join("t.safetensors.tmp").exists());
+        let bytes = to_bytes("upload", [("a", &a), ("b", &b)], &meta).unwrap();
+        let back = from_bytes(Path::new("upload"), &bytes).unwrap();
+        assert_eq!(back.metadata, meta);
+        assert!(back.tensors["a"].equal(&a) && back.tensors["b"].equal(&b));
+        assert_eq!(back.tensors.len(), 2);
     }
 
     #[test]

@@ -54,6 +54,27 @@ impl DeviceChoice {
     }
 }
 
+/// The GPU's name for the coordinator's worker list (`None` on the CPU or without
+/// `nvidia-smi`). libtorch has no call for it; `nvidia-smi` ignores CUDA_VISIBLE_DEVICES, so
+/// the device is named by that variable's entry (an index or UUID) when it is set.
+pub fn gpu_name(device: Device) -> Option<String> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    let id = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .and_then(|v| v.split(',').nth(index).map(|s| s.trim().to_owned()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| index.to_string());
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &id])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
 /// Arithmetic of the forward pass. `Bf16` is CUDA autocast to bfloat16 (weights, gradients and
 /// optimizer state stay fp32); on the CPU it falls back to fp32, since CPU bf16 convolutions are
 /// slower than fp32 ones.

@@ -17,6 +17,9 @@ pub enum TrainError {
     /// Boxed: lapin's errors are large, and every result of the crate would carry the size.
     #[error(transparent)]
     Broker(Box<flowers_broker::BrokerError>),
+    /// Boxed like the broker's: gRPC statuses are large.
+    #[error(transparent)]
+    Coordinator(Box<flowers_coordinator::ClientError>),
     #[error(transparent)]
     Worker(#[from] WorkerGone),
     #[error(transparent)]
@@ -38,6 +41,12 @@ pub enum TrainError {
 impl From<flowers_broker::BrokerError> for TrainError {
     fn from(e: flowers_broker::BrokerError) -> Self {
         TrainError::Broker(Box::new(e))
+    }
+}
+
+impl From<flowers_coordinator::ClientError> for TrainError {
+    fn from(e: flowers_coordinator::ClientError) -> Self {
+        TrainError::Coordinator(Box::new(e))
     }
 }
 

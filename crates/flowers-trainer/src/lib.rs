@@ -1,6 +1,7 @@
 //! The trainer: consuming batches, training steps, checkpoints, evaluation and its benchmark.
 
 pub mod bench;
+pub mod coordinated;
 pub mod device;
 mod error;
 pub mod evaluate;

@@ -189,6 +189,19 @@ impl EvalTally {
         pairs
     }
 
+    /// The counts of an evaluation of batch `batch_index` of `epoch` (this tally holding that
+    /// batch alone), as a coordinator sums them over distinct batches.
+    pub fn batch_counts(&self, epoch: u32, batch_index: u32) -> BatchEval {
+        BatchEval {
+            epoch,
+            batch_index,
+            images: self.images,
+            correct: self.top1,
+            correct_top5: self.top5,
+            loss_sum: self.loss_sum,
+        }
+    }
+
     /// The summary of a finished evaluation.
     pub fn summary(&self, epoch: u32) -> EvalMetrics {
         EvalMetrics {
@@ -199,6 +212,20 @@ impl EvalTally {
             top5: self.top5(),
         }
     }
+}
+
+/// The counts of one evaluated validation batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchEval {
+    pub epoch: u32,
+    pub batch_index: u32,
+    pub images: u64,
+    /// Images whose top prediction is the label.
+    pub correct: u64,
+    /// Images whose label is among the five top predictions.
+    pub correct_top5: u64,
+    /// Sum (not mean) of the images' cross-entropy losses.
+    pub loss_sum: f64,
 }
 
 /// The figures of one finished evaluation (validation of an epoch).
@@ -237,6 +264,18 @@ mod tests {
         assert!((t.top5() - 0.75).abs() < 1e-12);
         assert!((t.mean_loss() - 1.25).abs() < 1e-12);
         assert_eq!(t.per_class(), vec![(0, 1, 1), (1, 0, 2), (3, 0, 1)]);
+        let counts = t.batch_counts(2, 9);
+        assert_eq!(
+            (
+                counts.epoch,
+                counts.batch_index,
+                counts.images,
+                counts.correct,
+                counts.correct_top5
+            ),
+            (2, 9, 4, 1, 3)
+        );
+        assert!((counts.loss_sum - 5.0).abs() < 1e-12);
         let confused = t.most_confused(2);
         assert_eq!(
             confused,

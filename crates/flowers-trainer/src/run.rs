@@ -15,12 +15,13 @@ use flowers_broker::{
     connect_with_backoff, declare_run_topology, message_count, train_queue, val_queue,
     validate_run_id, Backoff, Connection, Consumer, Delivery,
 };
+use flowers_model::Policy;
 use flowers_wire::{describe, Batch, Dims, Split};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::metrics::{EvalMetrics, EvalTally, StepMetrics};
+use crate::metrics::{BatchEval, EvalMetrics, EvalTally, StepMetrics};
 use crate::recipe::Hyper;
 use crate::shutdown;
 use crate::state::{BatchView, ModelOptions, TrainState};
@@ -93,18 +94,30 @@ pub struct StageContext<'a> {
     pub idle: bool,
     /// The trainer's broker connection, e.g. to look at queue lengths.
     pub conn: &'a Connection,
+    /// The training thread, e.g. to exchange parameters at this batch boundary.
+    pub worker: &'a Worker<TrainState>,
 }
 
 /// The decisions a coordinator takes over from a standalone trainer.
 pub trait Coordination {
-    /// Whether the current stage is over for this trainer. Asked before every wait for a
-    /// message and after every poll interval without one.
+    /// The model is built (and resumed, if asked): e.g. load the run's latest average into it.
+    /// `policies` are what the run's phases train, in order.
+    fn started(
+        &mut self,
+        _worker: &Worker<TrainState>,
+        _policies: &[Policy],
+    ) -> impl Future<Output = Result<(), TrainError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Whether the current stage is over for this trainer. Asked at every batch boundary:
+    /// before every wait for a message and after every poll interval without one.
     fn stage_done(
         &mut self,
         ctx: StageContext<'_>,
     ) -> impl Future<Output = Result<bool, TrainError>> + Send;
 
-    /// Called after every optimizer step (the batch is acked already).
+    /// Called after every optimizer step, before its batch is acked.
     fn step_done(
         &mut self,
         metrics: &StepMetrics,
@@ -124,7 +137,15 @@ pub trait Coordination {
         epoch: u32,
     ) -> impl Future<Output = Result<bool, TrainError>> + Send;
 
-    /// The finished validation of an epoch.
+    /// Called after every validation batch, before it is acked.
+    fn batch_evaluated(
+        &mut self,
+        _counts: &BatchEval,
+    ) -> impl Future<Output = Result<(), TrainError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The finished validation of an epoch (this trainer's share of it).
     fn validation_done(
         &mut self,
         metrics: &EvalMetrics,
@@ -330,6 +351,14 @@ pub async fn run<C: Coordination>(
         }
     })
     .await?;
+    let mut policies: Vec<Policy> = Vec::new();
+    for e in 0..opts.epochs {
+        let p = hyper.phase(e, opts.epochs).policy;
+        if policies.last() != Some(&p) {
+            policies.push(p);
+        }
+    }
+    coord.started(&worker, &policies).await?;
     let (step, meta) = worker
         .call(|st| (st.step, st.resumed_from().cloned()))
         .await?;
@@ -560,6 +589,7 @@ impl<C: Coordination> Runner<'_, C> {
                 last_epoch: self.opts.epochs - 1,
                 idle,
                 conn: &self.conn,
+                worker: &self.worker,
             };
             if self.coord.stage_done(ctx).await? {
                 break StageEnd::Complete;
@@ -594,6 +624,12 @@ impl<C: Coordination> Runner<'_, C> {
             match progress.stage {
                 Stage::Train => {
                     let metrics = self.train(&mut delivery, progress, data_wait).await?;
+                    if let Err(e) = self.coord.step_done(&metrics).await {
+                        // Not recorded: another trainer must train the batch again.
+                        let _ = delivery.requeue().await;
+                        return Err(e);
+                    }
+                    delivery.ack().await?;
                     totals.images += metrics.images as u64;
                     totals.loss_sum += metrics.loss * metrics.images as f64;
                     totals.correct += (metrics.accuracy * metrics.images as f64).round() as u64;
@@ -602,10 +638,14 @@ impl<C: Coordination> Runner<'_, C> {
                     progress.done.insert(index);
                     progress.batches_in_epoch = Some(batches_in_epoch);
                     info!(%metrics, "step");
-                    self.coord.step_done(&metrics).await?;
                 }
                 Stage::Validate => {
-                    self.validate(&mut delivery, progress).await?;
+                    let counts = self.validate(&mut delivery, progress).await?;
+                    if let Err(e) = self.coord.batch_evaluated(&counts).await {
+                        let _ = delivery.requeue().await;
+                        return Err(e);
+                    }
+                    delivery.ack().await?;
                     progress.done.insert(index);
                     progress.batches_in_epoch = Some(batches_in_epoch);
                 }
@@ -634,8 +674,8 @@ impl<C: Coordination> Runner<'_, C> {
         Ok(end)
     }
 
-    /// One optimizer step on the delivery's batch, then its ack. A failed step hands the batch
-    /// back to the queue.
+    /// One optimizer step on the delivery's batch (acked by the caller). A failed step hands the
+    /// batch back to the queue.
     async fn train(
         &mut self,
         delivery: &mut Delivery,
@@ -672,7 +712,6 @@ impl<C: Coordination> Runner<'_, C> {
                 return Err(e);
             }
         };
-        delivery.ack().await?;
         Ok(StepMetrics {
             epoch: progress.epoch,
             step,
@@ -686,20 +725,19 @@ impl<C: Coordination> Runner<'_, C> {
         })
     }
 
-    /// Adds the delivery's batch to the stage's tally, then acks it.
+    /// Adds the delivery's batch to the stage's tally (acked by the caller) and returns its
+    /// counts.
     async fn validate(
         &mut self,
         delivery: &mut Delivery,
         progress: &mut EpochProgress,
-    ) -> Result<(), TrainError> {
+    ) -> Result<BatchEval, TrainError> {
         let batch = &mut delivery.batch;
+        let (epoch, batch_index) = (batch.epoch, batch.batch_index);
         let pixels = std::mem::take(&mut batch.pixels);
         let labels = batch.labels.clone();
         let shape = shape_of(batch);
-        let mut tally = progress
-            .tally
-            .take()
-            .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+        let mut tally = EvalTally::new(self.num_classes as usize);
         let result = self
             .worker
             .call(move |st| {
@@ -723,9 +761,12 @@ impl<C: Coordination> Runner<'_, C> {
             let _ = delivery.requeue().await;
             return Err(e);
         }
-        progress.tally = Some(tally);
-        delivery.ack().await?;
-        Ok(())
+        let counts = tally.batch_counts(epoch, batch_index);
+        progress
+            .tally
+            .get_or_insert_with(|| EvalTally::new(self.num_classes as usize))
+            .merge(&tally);
+        Ok(counts)
     }
 }
 

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowers_broker::DEFAULT_BROKER_URL;
+use flowers_coordinator::{ClientConfig, WorkerInfo};
 use flowers_model::{OptimizerKind, Policy};
 use flowers_trainer::bench::{bench, BenchOptions};
-use flowers_trainer::device::{DeviceChoice, Precision};
+use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
+use flowers_trainer::device::{gpu_name, DeviceChoice, Precision};
 use flowers_trainer::evaluate::{evaluate, parse_split, EvaluateOptions};
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe, ScheduleKind};
 use flowers_trainer::run::{run, RunOptions, RunOutcome, Standalone};
@@ -68,11 +70,24 @@ struct RunArgs {
     broker_url: Option<String>,
     #[arg(long, env = "FLOWERS_RUN_ID")]
     run_id: String,
-    /// Epochs of the run (queues train.0 .. train.<N-1>), as given to the loader.
+    /// Coordinator URL (http://host:port or https://..): train with the run's other trainers,
+    /// averaging parameters through it. Without it the trainer works alone.
+    #[arg(long, env = "FLOWERS_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Bearer token of the coordinator.
+    #[arg(
+        long,
+        env = "FLOWERS_TOKEN",
+        hide_env_values = true,
+        requires = "coordinator"
+    )]
+    token: Option<String>,
+    /// Epochs of the run (queues train.0 .. train.<N-1>), as given to the loader
+    /// [required without --coordinator; default: the run's].
     #[arg(long, env = "FLOWERS_EPOCHS")]
-    epochs: u32,
-    /// First epoch to train (default 0, or where --resume stopped).
-    #[arg(long)]
+    epochs: Option<u32>,
+    /// First epoch to train (default 0, or where --resume stopped; with a coordinator, the run's).
+    #[arg(long, conflicts_with = "coordinator")]
     start_epoch: Option<u32>,
     /// Pretrained weights (safetensors, e.g. from `just weights`), or `none` to train from scratch.
     #[arg(
@@ -87,7 +102,7 @@ struct RunArgs {
     /// Where latest.safetensors (+ latest.progress.json) are written after each epoch and on shutdown.
     #[arg(long, env = "FLOWERS_CHECKPOINT_DIR")]
     checkpoint_dir: Option<PathBuf>,
-    /// Expected image size (default: the first batch's).
+    /// Expected image size (default: the run's with a coordinator, else the first batch's).
     #[arg(long)]
     img_size: Option<u32>,
     /// Largest batch accepted (default: any).
@@ -96,8 +111,9 @@ struct RunArgs {
     /// Batches the broker hands over ahead of use (AMQP QoS).
     #[arg(long, default_value_t = 3)]
     prefetch: u16,
-    #[arg(long, default_value_t = 102)]
-    num_classes: i64,
+    /// Classes of the model's head [default: the run's with a coordinator, else 102].
+    #[arg(long)]
+    num_classes: Option<u32>,
     #[command(flatten)]
     hyper: HyperArgs,
     #[command(flatten)]
@@ -223,32 +239,94 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var("AMQP_URL").ok())
         .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string());
     let weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
+    let coordinated = match &args.coordinator {
+        Some(url) => {
+            let opts = CoordinatedOptions {
+                client: ClientConfig::new(url.clone()).token(args.token.clone()),
+                run_id: args.run_id.clone(),
+                info: WorkerInfo {
+                    host: host_name(),
+                    device: format!("{device:?}"),
+                    gpu_name: gpu_name(device).unwrap_or_default(),
+                },
+            };
+            let c = Coordinated::join(opts)
+                .await
+                .with_context(|| format!("joining run {} at {url}", args.run_id))?;
+            Some(c)
+        }
+        None => None,
+    };
+    // A coordinated trainer takes the run's settings; given ones must agree with them.
+    let (epochs, num_classes, img_size, start_epoch) = match &coordinated {
+        Some(c) => {
+            let run = c.run_config();
+            (
+                agree("--epochs", args.epochs, run.epochs)?,
+                agree("--num-classes", args.num_classes, run.num_classes)?,
+                Some(agree("--img-size", args.img_size, run.img_size)?),
+                Some(c.start_epoch()),
+            )
+        }
+        None => (
+            args.epochs
+                .context("--epochs is required without --coordinator")?,
+            args.num_classes.unwrap_or(102),
+            args.img_size,
+            args.start_epoch,
+        ),
+    };
     let opts = RunOptions {
         broker_url,
         run_id: args.run_id,
-        epochs: args.epochs,
-        start_epoch: args.start_epoch,
+        epochs,
+        start_epoch,
         prefetch: args.prefetch,
         weights,
         resume: args.resume,
         checkpoint_dir: args.checkpoint_dir,
-        img_size: args.img_size,
+        img_size,
         batch_size: args.batch_size,
         seed: args.seed,
     };
     let model = ModelOptions {
         device,
         precision: args.compute.precision,
-        num_classes: args.num_classes,
+        num_classes: i64::from(num_classes),
         variant: flowers_model::Variant::Tf2015,
         label_smoothing: hyper.label_smoothing,
         flip: hyper.flip,
         optimizer: hyper.optimizer,
     };
     let stop = shutdown::on_signals().context("installing signal handlers")?;
-    match run(&opts, model, &hyper, &mut Standalone, stop).await? {
-        RunOutcome::Finished(Some(m)) => println!("accuracy={:.4}", m.top1),
-        RunOutcome::Finished(None) => {}
+    let outcome = match coordinated {
+        Some(mut c) => {
+            let outcome = run(&opts, model, &hyper, &mut c, stop).await?;
+            if let RunOutcome::Finished(_) = outcome {
+                // The run's figures are the coordinator's: every worker's batches together.
+                let status = c.run_status().await?;
+                if let Some(last) = status.epochs.iter().rev().find(|e| e.validated) {
+                    println!("accuracy={:.4}", last.val_accuracy);
+                }
+                if let Some(best) = status.best {
+                    println!(
+                        "best_checkpoint={} best_epoch={} best_accuracy={:.4}",
+                        best.checkpoint_id, best.epoch, best.val_accuracy
+                    );
+                }
+            }
+            outcome
+        }
+        None => {
+            let outcome = run(&opts, model, &hyper, &mut Standalone, stop).await?;
+            if let RunOutcome::Finished(Some(m)) = &outcome {
+                println!("accuracy={:.4}", m.top1);
+            }
+            outcome
+        }
+    };
+    match outcome {
+        RunOutcome::Finished(_) => {}
         RunOutcome::Interrupted { epoch, stage } => {
             tracing::info!(
                 epoch,
@@ -258,6 +336,26 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `given` when it matches the run's `value` (or is absent: then `value`).
+fn agree(flag: &str, given: Option<u32>, value: u32) -> anyhow::Result<u32> {
+    match given {
+        Some(g) if g != value => {
+            anyhow::bail!("{flag} {g} differs from the coordinator's run, which has {value}")
+        }
+        _ => Ok(value),
+    }
+}
+
+/// This machine's name, for the coordinator's worker list.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn evaluate_command(args: EvaluateArgs) -> anyhow::Result<()> {

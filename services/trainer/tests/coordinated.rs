@@ -1,0 +1,210 @@
+//! Two trainers sharing a run under an in-process coordinator, against the local RabbitMQ: every
+//! batch trained once across both, parameters averaged in rounds that both join, each epoch
+//! validated by the coordinator, the run finished with a best checkpoint.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flowers_coordinator::{
+    ClientConfig, Coordinator, CoordinatorConfig, RetryPolicy, ServeOptions, ServerHandle,
+    WorkerInfo,
+};
+use flowers_model::{tensor_file, OptimizerKind, Policy, Variant};
+use flowers_proto::v1 as pb;
+use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
+use flowers_trainer::device::Precision;
+use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
+use flowers_trainer::run::{run, RunOptions, RunOutcome};
+use flowers_trainer::state::ModelOptions;
+
+const TOKEN: &str = "t0ken";
+const EPOCHS: u32 = 2;
+const TRAIN_BATCHES: u32 = 6;
+const VAL_BATCHES: u32 = 2;
+
+async fn start_coordinator(dir: &Path) -> ServerHandle {
+    let config = CoordinatorConfig {
+        // Periodic rounds within an epoch too, not only the epoch-end ones.
+        sync_every: 2,
+        worker_timeout: Duration::from_secs(10),
+        ..CoordinatorConfig::new(dir)
+    };
+    ServerHandle::start(
+        Coordinator::open(config).unwrap(),
+        "127.0.0.1:0",
+        ServeOptions {
+            token: Some(TOKEN.into()),
+            tls: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn client_config(server: &ServerHandle) -> ClientConfig {
+    ClientConfig::new(server.url())
+        .token(Some(TOKEN.into()))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            give_up_after: Duration::from_secs(10),
+        })
+}
+
+/// The run as the loader registers it (see `common::epochs`: the last training batch has 2 images).
+fn run_config() -> pb::RunConfig {
+    pb::RunConfig {
+        dataset: "generated".into(),
+        split: "stratified".into(),
+        img_size: IMG,
+        batch_size: 4,
+        epochs: EPOCHS,
+        train_batches_per_epoch: TRAIN_BATCHES,
+        val_batches_per_epoch: VAL_BATCHES,
+        seed: 3,
+        num_classes: CLASSES,
+        train_images: (TRAIN_BATCHES - 1) * 4 + 2,
+        val_images: VAL_BATCHES * 4,
+    }
+}
+
+async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOutcome {
+    let opts = RunOptions {
+        broker_url: broker_url(),
+        run_id: run_id.to_owned(),
+        epochs: coordinated.run_config().epochs,
+        start_epoch: Some(coordinated.start_epoch()),
+        prefetch: 1,
+        weights: None,
+        resume: None,
+        checkpoint_dir: None,
+        img_size: Some(coordinated.run_config().img_size),
+        batch_size: Some(4),
+        seed,
+    };
+    let model = ModelOptions {
+        device: tch::Device::Cpu,
+        precision: Precision::Fp32,
+        num_classes: i64::from(coordinated.run_config().num_classes),
+        variant: Variant::Torchvision,
+        label_smoothing: 0.0,
+        flip: false,
+        optimizer: OptimizerKind::adamax(),
+    };
+    // The head alone: cheap steps; the coordination is what is under test.
+    let hyper = Hyper::new(
+        Recipe::Reference,
+        &Overrides {
+            policy: Some(Policy::Head),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_tx, stop) = tokio::sync::watch::channel(false);
+    run(&opts, model, &hyper, coordinated, stop).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trainers_share_a_run_through_the_coordinator() {
+    let started = Instant::now();
+    let state = tempfile::tempdir().unwrap();
+    let server = start_coordinator(state.path()).await;
+    let run_id = unique_run("coord");
+    let client = flowers_coordinator::CoordinatorClient::connect(&client_config(&server)).unwrap();
+    client
+        .register_run(run_config(), Some(&run_id))
+        .await
+        .unwrap();
+    publish(
+        &run_id,
+        EPOCHS,
+        &epochs(&run_id, EPOCHS, TRAIN_BATCHES, VAL_BATCHES),
+    )
+    .await;
+
+    let join = |host: &str| {
+        Coordinated::join(CoordinatedOptions {
+            client: client_config(&server),
+            run_id: run_id.clone(),
+            info: WorkerInfo {
+                host: host.into(),
+                device: "Cpu".into(),
+                gpu_name: String::new(),
+            },
+        })
+    };
+    let (mut a, mut b) = (join("a").await.unwrap(), join("b").await.unwrap());
+    assert_ne!(a.worker_id(), b.worker_id());
+    assert_eq!(a.run_config().epochs, EPOCHS);
+    let (out_a, out_b) = tokio::join!(train(&mut a, &run_id, 1), train(&mut b, &run_id, 2));
+    assert!(matches!(out_a, RunOutcome::Finished(_)), "{out_a:?}");
+    assert!(matches!(out_b, RunOutcome::Finished(_)), "{out_b:?}");
+
+    let status = client.get_run(&run_id, false).await.unwrap();
+    assert_eq!(status.state, pb::RunState::Finished as i32);
+    assert_eq!(
+        status.steps,
+        u64::from(EPOCHS * TRAIN_BATCHES),
+        "no batch trained twice"
+    );
+    for e in &status.epochs {
+        assert_eq!(
+            (e.train_batches_done, e.val_batches_done),
+            (TRAIN_BATCHES, VAL_BATCHES),
+            "epoch {}: every batch counted once",
+            e.epoch
+        );
+        assert!(e.trained && e.validated, "epoch {}", e.epoch);
+        assert!(
+            (0.0..=1.0).contains(&e.val_accuracy) && e.val_loss > 0.0,
+            "{e:?}"
+        );
+    }
+    // Both worked: their steps add up to the run's.
+    let steps: Vec<u64> = status.workers.iter().map(|w| w.steps).collect();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps.iter().sum::<u64>(), status.steps);
+
+    // The best checkpoint is an epoch-end average of both workers, usable on its own.
+    let best = status.best.expect("a best checkpoint");
+    let (info, bytes) = client
+        .get_checkpoint(&run_id, Some(&best.checkpoint_id))
+        .await
+        .unwrap();
+    assert!(info.best);
+    let file = tensor_file::from_bytes(Path::new("best"), &bytes).unwrap();
+    let mut workers: Vec<&str> = file.metadata["workers"].split(',').collect();
+    workers.sort_unstable();
+    let mut expected = vec![a.worker_id(), b.worker_id()];
+    expected.sort_unstable();
+    assert_eq!(workers, expected, "both workers joined the epoch-end round");
+    assert_eq!(file.metadata["variant"], "torchvision");
+    assert_eq!(file.metadata["img_size"], IMG.to_string());
+    assert_eq!(file.metadata["num_classes"], CLASSES.to_string());
+    assert_eq!(
+        file.tensors.keys().collect::<Vec<_>>(),
+        ["fc.bias", "fc.weight"]
+    );
+    // Rounds: periodic ones (sync_every 2) besides the two epoch-end ones.
+    assert!(
+        status.sync_round > u64::from(EPOCHS),
+        "{}",
+        status.sync_round
+    );
+
+    for e in 0..EPOCHS {
+        assert_eq!(ready(&run_id, "train", e).await, 0, "train.{e} drained");
+        assert_eq!(ready(&run_id, "val", e).await, 0, "val.{e} drained");
+    }
+    assert_eq!(ready(&run_id, "dead", 0).await, 0);
+    drop((a, b));
+    cleanup(&run_id, EPOCHS).await;
+    server.shutdown().await.unwrap();
+    eprintln!(
+        "two coordinated trainers: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
