@@ -30,7 +30,12 @@ pub struct CoordinatedOptions {
     pub client: ClientConfig,
     pub run_id: String,
     pub info: WorkerInfo,
+    /// How long to wait for the loader to register the run (trainers may start first).
+    pub wait_for_run: Duration,
 }
+
+/// How often a trainer asks again whether its run is registered.
+const RUN_POLL: Duration = Duration::from_secs(1);
 
 /// What every call to the coordinator needs; shared with the heartbeat task.
 #[derive(Clone)]
@@ -119,9 +124,21 @@ impl Coordinated {
     /// Registers with the coordinator and starts heartbeating.
     pub async fn join(opts: CoordinatedOptions) -> Result<Self, TrainError> {
         let client = CoordinatorClient::connect(&opts.client)?;
-        let registration = client
-            .register_worker(&opts.run_id, &opts.info, None)
-            .await?;
+        let waiting_since = Instant::now();
+        let registration = loop {
+            match client.register_worker(&opts.run_id, &opts.info, None).await {
+                Err(e)
+                    if e.code() == Some(Code::NotFound)
+                        && waiting_since.elapsed() + RUN_POLL < opts.wait_for_run =>
+                {
+                    if waiting_since.elapsed() < RUN_POLL {
+                        info!(run = %opts.run_id, "the run is not registered yet: waiting for the loader");
+                    }
+                    tokio::time::sleep(RUN_POLL).await;
+                }
+                other => break other?,
+            }
+        };
         let malformed = |what: &str| {
             TrainError::Data(format!(
                 "the coordinator's registration of run {} has no {what}",
@@ -185,6 +202,14 @@ impl Coordinated {
             .run
             .as_ref()
             .map_or(0, |r| r.current_epoch)
+    }
+
+    /// Whether the run was already over when this worker joined.
+    pub fn run_finished(&self) -> bool {
+        self.registration
+            .run
+            .as_ref()
+            .is_some_and(|r| r.state != pb::RunState::Running as i32)
     }
 
     /// The run's status now (e.g. its validation figures once it finished).

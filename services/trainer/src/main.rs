@@ -82,6 +82,9 @@ struct RunArgs {
         requires = "coordinator"
     )]
     token: Option<String>,
+    /// Seconds to wait for the loader to register the run at the coordinator.
+    #[arg(long, default_value_t = 600)]
+    wait_for_run: u64,
     /// Epochs of the run (queues train.0 .. train.<N-1>), as given to the loader
     /// [required without --coordinator; default: the run's].
     #[arg(long, env = "FLOWERS_EPOCHS")]
@@ -249,10 +252,15 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
                     device: format!("{device:?}"),
                     gpu_name: gpu_name(device).unwrap_or_default(),
                 },
+                wait_for_run: std::time::Duration::from_secs(args.wait_for_run),
             };
             let c = Coordinated::join(opts)
                 .await
                 .with_context(|| format!("joining run {} at {url}", args.run_id))?;
+            if c.run_finished() {
+                tracing::info!(run = %args.run_id, "the run is over: nothing to train");
+                return Ok(());
+            }
             Some(c)
         }
         None => None,

@@ -9,16 +9,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flowers_coordinator::{
-    ClientConfig, Coordinator, CoordinatorConfig, RetryPolicy, ServeOptions, ServerHandle,
-    WorkerInfo,
+    ClientConfig, Coordinator, CoordinatorClient, CoordinatorConfig, RetryPolicy, ServeOptions,
+    ServerHandle, WorkerInfo,
 };
 use flowers_model::{tensor_file, OptimizerKind, Policy, Variant};
 use flowers_proto::v1 as pb;
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
 use flowers_trainer::device::Precision;
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
-use flowers_trainer::run::{run, RunOptions, RunOutcome};
-use flowers_trainer::state::ModelOptions;
+use flowers_trainer::run::{run, Coordination, RunOptions, RunOutcome};
+use flowers_trainer::state::{ModelOptions, TrainState};
+use flowers_trainer::worker::Worker;
 
 const TOKEN: &str = "t0ken";
 const EPOCHS: u32 = 2;
@@ -85,15 +86,7 @@ async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOut
         batch_size: Some(4),
         seed,
     };
-    let model = ModelOptions {
-        device: tch::Device::Cpu,
-        precision: Precision::Fp32,
-        num_classes: i64::from(coordinated.run_config().num_classes),
-        variant: Variant::Torchvision,
-        label_smoothing: 0.0,
-        flip: false,
-        optimizer: OptimizerKind::adamax(),
-    };
+    assert_eq!(coordinated.run_config().num_classes, CLASSES);
     // The head alone: cheap steps; the coordination is what is under test.
     let hyper = Hyper::new(
         Recipe::Reference,
@@ -104,7 +97,21 @@ async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOut
     )
     .unwrap();
     let (_tx, stop) = tokio::sync::watch::channel(false);
-    run(&opts, model, &hyper, coordinated, stop).await.unwrap()
+    run(&opts, model_options(), &hyper, coordinated, stop)
+        .await
+        .unwrap()
+}
+
+fn model_options() -> ModelOptions {
+    ModelOptions {
+        device: tch::Device::Cpu,
+        precision: Precision::Fp32,
+        num_classes: i64::from(CLASSES),
+        variant: Variant::Torchvision,
+        label_smoothing: 0.0,
+        flip: false,
+        optimizer: OptimizerKind::adamax(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,18 +120,7 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     let state = tempfile::tempdir().unwrap();
     let server = start_coordinator(state.path()).await;
     let run_id = unique_run("coord");
-    let client = flowers_coordinator::CoordinatorClient::connect(&client_config(&server)).unwrap();
-    client
-        .register_run(run_config(), Some(&run_id))
-        .await
-        .unwrap();
-    publish(
-        &run_id,
-        EPOCHS,
-        &epochs(&run_id, EPOCHS, TRAIN_BATCHES, VAL_BATCHES),
-    )
-    .await;
-
+    let client = CoordinatorClient::connect(&client_config(&server)).unwrap();
     let join = |host: &str| {
         Coordinated::join(CoordinatedOptions {
             client: client_config(&server),
@@ -134,9 +130,24 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
                 device: "Cpu".into(),
                 gpu_name: String::new(),
             },
+            wait_for_run: Duration::from_secs(5),
         })
     };
-    let (mut a, mut b) = (join("a").await.unwrap(), join("b").await.unwrap());
+    // A trainer may start before the loader registers the run: it waits.
+    let (a, ()) = tokio::join!(join("a"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client
+            .register_run(run_config(), Some(&run_id))
+            .await
+            .unwrap();
+        publish(
+            &run_id,
+            EPOCHS,
+            &epochs(&run_id, EPOCHS, TRAIN_BATCHES, VAL_BATCHES),
+        )
+        .await;
+    });
+    let (mut a, mut b) = (a.unwrap(), join("b").await.unwrap());
     assert_ne!(a.worker_id(), b.worker_id());
     assert_eq!(a.run_config().epochs, EPOCHS);
     let (out_a, out_b) = tokio::join!(train(&mut a, &run_id, 1), train(&mut b, &run_id, 2));
@@ -195,16 +206,62 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
         status.sync_round
     );
 
+    // A late joiner starts from the run's latest average.
+    let mut late = join("late").await.unwrap();
+    assert!(late.run_finished());
+    let worker = Worker::spawn("late", || {
+        TrainState::new(model_options(), Policy::Head, 1.0, None)
+    })
+    .await
+    .unwrap();
+    late.started(&worker, &[Policy::Head]).await.unwrap();
+    let (_, latest) = client
+        .get_checkpoint(&run_id, Some(&status.latest_checkpoint_id))
+        .await
+        .unwrap();
+    let latest = tensor_file::from_bytes(Path::new("latest"), &latest).unwrap();
+    let loaded = worker
+        .call(|st| st.var_store().variables()["fc.weight"].copy())
+        .await
+        .unwrap();
+    assert!(loaded.equal(&latest.tensors["fc.weight"]));
+
     for e in 0..EPOCHS {
         assert_eq!(ready(&run_id, "train", e).await, 0, "train.{e} drained");
         assert_eq!(ready(&run_id, "val", e).await, 0, "val.{e} drained");
     }
     assert_eq!(ready(&run_id, "dead", 0).await, 0);
-    drop((a, b));
+    drop((a, b, late));
     cleanup(&run_id, EPOCHS).await;
     server.shutdown().await.unwrap();
     eprintln!(
         "two coordinated trainers: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn cli_refuses_settings_that_differ_from_the_run() {
+    let state = tempfile::tempdir().unwrap();
+    let server = start_coordinator(state.path()).await;
+    let run_id = unique_run("cli");
+    let client = CoordinatorClient::connect(&client_config(&server)).unwrap();
+    client
+        .register_run(run_config(), Some(&run_id))
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["run", "--coordinator", &server.url(), "--run-id", &run_id])
+        .args(["--epochs", "3", "--weights", "none", "--device", "cpu"])
+        .env("FLOWERS_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--epochs 3 differs from the coordinator's run, which has 2"),
+        "{stderr}"
+    );
+    server.shutdown().await.unwrap();
 }
