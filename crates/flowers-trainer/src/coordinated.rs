@@ -373,6 +373,11 @@ impl Coordination for Coordinated {
     }
 
     async fn stage_done(&mut self, ctx: StageContext<'_>) -> Result<bool, TrainError> {
+        if ctx.idle {
+            // Waiting at an epoch's end (or for batches): learn of the epoch-end round, the
+            // evaluation and the next epoch within a poll, not a heartbeat interval.
+            self.refresh().await?;
+        }
         self.join_round(ctx.worker).await?;
         let d = self.directives();
         match pb::RunState::try_from(d.run_state) {
