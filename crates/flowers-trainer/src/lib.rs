@@ -5,6 +5,7 @@ pub mod coordinated;
 pub mod device;
 mod error;
 pub mod evaluate;
+pub mod gpu_claim;
 pub mod metrics;
 pub mod recipe;
 pub mod run;

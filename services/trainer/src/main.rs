@@ -12,6 +12,7 @@ use flowers_trainer::bench::{bench, BenchOptions};
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
 use flowers_trainer::device::{gpu_name, DeviceChoice, Precision};
 use flowers_trainer::evaluate::{evaluate, parse_split, EvaluateOptions};
+use flowers_trainer::gpu_claim::{claim_gpu, GpuClaim};
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe, ScheduleKind};
 use flowers_trainer::run::{run, RunOptions, RunOutcome, Standalone};
 use flowers_trainer::shutdown;
@@ -45,21 +46,35 @@ struct Compute {
     /// libtorch intra-op threads (default: libtorch's choice, one per core).
     #[arg(long, env = "FLOWERS_TORCH_THREADS")]
     threads: Option<i32>,
+    /// Folder shared by trainer replicas that see the same GPUs: each claims a GPU of its own
+    /// (lock file gpu-<i>.lock) instead of all using GPU 0.
+    #[arg(long, env = "FLOWERS_GPU_CLAIM_DIR")]
+    gpu_claim_dir: Option<PathBuf>,
 }
 
 impl Compute {
-    fn apply(&self) -> anyhow::Result<tch::Device> {
+    /// Configures libtorch and picks the device; the claim (if any) must live as long as the
+    /// device is used.
+    fn apply(&self) -> anyhow::Result<(tch::Device, Option<GpuClaim>)> {
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
             tch::set_num_threads(n);
         }
-        let device = self.device.resolve()?;
+        let mut device = self.device.resolve()?;
+        let claim = match (&self.gpu_claim_dir, device) {
+            (Some(dir), tch::Device::Cuda(_)) => {
+                let claim = claim_gpu(dir, tch::Cuda::device_count() as usize)?;
+                device = tch::Device::Cuda(claim.index);
+                Some(claim)
+            }
+            _ => None,
+        };
         if device.is_cuda() {
             // Batch shapes are fixed within a run: let cuDNN pick the fastest kernels once.
             tch::Cuda::cudnn_set_benchmark(true);
         }
         tracing::info!(?device, precision = %self.precision.effective(device), threads = tch::get_num_threads(), "compute");
-        Ok(device)
+        Ok((device, claim))
     }
 }
 
@@ -233,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
-    let device = args.compute.apply()?;
+    let (device, _gpu) = args.compute.apply()?;
     let hyper = args.hyper.resolve()?;
     let broker_url = args
         .broker_url
@@ -367,7 +382,7 @@ fn host_name() -> String {
 }
 
 fn evaluate_command(args: EvaluateArgs) -> anyhow::Result<()> {
-    let device = args.compute.apply()?;
+    let (device, _gpu) = args.compute.apply()?;
     let split = match &args.setid {
         Some(setid) => Some((setid.clone(), parse_split(&args.split)?)),
         None => None,
@@ -390,7 +405,7 @@ fn evaluate_command(args: EvaluateArgs) -> anyhow::Result<()> {
 }
 
 fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
-    let device = args.compute.apply()?;
+    let (device, _gpu) = args.compute.apply()?;
     let opts = BenchOptions {
         device,
         precision: args.compute.precision,
