@@ -146,13 +146,13 @@ struct HyperArgs {
     /// reference (the Keras notebook) or fast (head warm-up, then lower lr for pretrained layers, cosine, label smoothing).
     #[arg(long, default_value = "reference")]
     recipe: Recipe,
-    /// What trains (after the fast recipe's head warm-up): reference, head or all [recipe: reference].
+    /// What trains (after the fast recipe's head warm-up): reference, top, head or all [recipe: reference; fast: top].
     #[arg(long)]
     trainable: Option<Policy>,
     /// adamax, adam or sgd (momentum 0.9) [recipe: adamax].
     #[arg(long)]
     optimizer: Option<OptimizerKind>,
-    /// Base learning rate, the head's [recipe: 1e-2 reference, 3e-3 fast].
+    /// Base learning rate, the head's [recipe: 1e-2 reference, 1e-3 fast].
     #[arg(long)]
     lr: Option<f64>,
     /// constant, cosine or step [recipe: constant reference, cosine fast].
