@@ -13,7 +13,7 @@ Defaults finish in about 10 minutes on a 2-core CPU.
 USAGE
 }
 
-epochs=3 trainers=2 img_size=128 classes=0 recipe=fast batch_size=32 sync_every=10 threads=""
+epochs=3 trainers=2 img_size=224 classes=0 recipe=fast batch_size=32 sync_every=10 threads=""
 while (($#)); do
   case "$1" in
     --epochs) epochs=$2; shift 2 ;;
@@ -33,7 +33,10 @@ cores=$(nproc)
 threads=${threads:-$(( cores / trainers > 0 ? cores / trainers : 1 ))}
 
 data_dir=$(scripts/fetch-data.sh)
-archive=$(ls "$data_dir"/102flowers*.tgz "$data_dir"/102flowers*.tar 2>/dev/null | head -n1)
+archive=""
+for f in "$data_dir"/102flowers*.tgz "$data_dir"/102flowers*.tar; do
+  if [ -f "$f" ]; then archive=$f; break; fi
+done
 bin=target/release
 run_id="demo-$(date +%Y%m%d-%H%M%S)"
 out="out/$run_id"
@@ -74,8 +77,19 @@ for i in $(seq 1 "$trainers"); do
   pids+=($!)
 done
 
+# The loader registers the run once it has preprocessed the images.
+ctl=("$bin/flowersctl" --coordinator "$coordinator")
+until "${ctl[@]}" status "$run_id" >/dev/null 2>&1; do
+  if ! kill -0 "${pids[1]}" 2>/dev/null; then
+    echo "demo: the loader stopped before registering the run:" >&2
+    tail -n 5 "$out/loader.log" >&2
+    exit 1
+  fi
+  sleep 1
+done
+
 # Live progress until the run finishes (or a process dies).
-"$bin/flowersctl" --coordinator "$coordinator" watch "$run_id" &
+"${ctl[@]}" watch "$run_id" &
 watcher=$!
 pids+=("$watcher")
 while kill -0 "$watcher" 2>/dev/null; do
@@ -90,5 +104,7 @@ while kill -0 "$watcher" 2>/dev/null; do
 done
 wait "$watcher"
 
-"$bin/flowersctl" --coordinator "$coordinator" status "$run_id"
-"$bin/flowersctl" --coordinator "$coordinator" plot "$run_id" -o "$out/curves.png" >/dev/null && echo "curves: $out/curves.png"
+"${ctl[@]}" status "$run_id"
+best=$("${ctl[@]}" status "$run_id" --json | python3 -c 'import json, sys; b = json.load(sys.stdin)["best"]; print(b["path"] if b else "")')
+[ -n "$best" ] && echo "best checkpoint: $out/coordinator/$best"
+"${ctl[@]}" plot "$run_id" -o "$out/curves.png" >/dev/null && echo "curves: $out/curves.png"

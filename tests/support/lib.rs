@@ -20,23 +20,26 @@ pub fn broker_url() -> String {
         .unwrap_or_else(|_| flowers_broker::DEFAULT_BROKER_URL.to_string())
 }
 
-/// The `loader` binary of this workspace, built (or brought up to date) on
-/// first use, so the tests never run a stale one.
+/// The `loader` binary of this workspace (see [`workspace_binary`]).
 pub fn loader_binary() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| workspace_binary("loader")).clone()
+    workspace_binary("loader")
 }
 
-/// Builds (or brings up to date) the binary of the workspace package `package`
-/// (each service package has one binary of its own name) and returns its path.
+/// The binary of the workspace package `package` (each service package has one binary of its
+/// own name), with every workspace binary built or brought up to date on first use, so the
+/// tests never run a stale one. All of them at once, as `just test` builds them: building one
+/// package alone would unify dependency features differently and rebuild half the tree.
 pub fn workspace_binary(package: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", package])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("test executable path");
     let bin = exe
