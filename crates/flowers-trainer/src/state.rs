@@ -404,18 +404,22 @@ mod tests {
             shape: [4, 75, 75, 3],
             labels: &labels,
         };
-        let first = st.train_step(view, 1e-3).unwrap();
-        let mut last = first;
-        for _ in 0..5 {
-            last = st.train_step(view, 1e-3).unwrap();
+        // Dropout draws from libtorch's global generator, which tests running in parallel
+        // share: compare the first loss with the mean of the last few, over enough steps.
+        let first = st.train_step(view, 1e-2).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..11 {
+            let outcome = st.train_step(view, 1e-2).unwrap();
+            assert_eq!(outcome.images, 4);
+            losses.push(outcome.loss);
         }
-        assert_eq!(st.step, 6);
-        assert_eq!(last.images, 4);
+        assert_eq!(st.step, 12);
+        let recent = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
         assert!(
-            last.loss < first.loss,
-            "loss {} -> {}",
+            recent < 0.8 * first.loss,
+            "loss {} -> {:?}",
             first.loss,
-            last.loss
+            losses
         );
     }
 
