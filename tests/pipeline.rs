@@ -8,8 +8,8 @@ use flowers_e2e::{broker_url, free_port, unique_run_id, workspace_binary, Servic
 use flowers_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 
 const EPOCHS: u32 = 2;
 const CLASSES: u32 = 10;
@@ -20,7 +20,7 @@ const TOKEN: &str = "e2e-token";
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The runs share two cores: one at a time.
-static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -261,7 +261,7 @@ fn start_trainer(dir: &Path, port: u16, run_id: &str, index: usize) -> Service {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainers_train_every_batch_once_and_learn() {
-    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start("e2e-run", 2);
     let status = cluster.wait_finished().await;
     cluster.assert_complete(&status);
@@ -300,7 +300,7 @@ async fn two_trainers_train_every_batch_once_and_learn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trainer_killed_mid_epoch_loses_no_batch() {
-    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start("e2e-kill", 2);
     cluster
         .wait_for("both trainers to train in epoch 0", |s| {
@@ -326,7 +326,7 @@ async fn a_trainer_killed_mid_epoch_loses_no_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restarted_mid_run_completes_the_run() {
-    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start("e2e-restart", 2);
     cluster
         .wait_for("training in epoch 0", |s| s.steps >= 2)
