@@ -221,32 +221,34 @@ pub fn weighted_average(
         .map_err(|e| CoordinatorError::Tensor(format!("serializing the average: {e}")))
 }
 
+/// A safetensors buffer of named f32 tensors `(name, shape, values)`, e.g. to build uploads in
+/// tests and tools without a tensor library.
+pub fn f32_safetensors(
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
+    let data: Vec<(&str, &[usize], Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                *n,
+                s.as_slice(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, s, d)| Ok((*n, TensorView::new(Dtype::F32, s.to_vec(), d)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    safetensors::serialize(views, None)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// A safetensors buffer of f32 tensors.
     pub(crate) fn f32_tensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-        let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .iter()
-            .map(|(n, s, v)| {
-                (
-                    n.to_string(),
-                    s.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views: Vec<(&str, TensorView<'_>)> = data
-            .iter()
-            .map(|(n, s, d)| {
-                (
-                    n.as_str(),
-                    TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize(views, None).unwrap()
+        f32_safetensors(tensors).unwrap()
     }
 
     pub(crate) fn read_f32(bytes: &[u8], name: &str) -> Vec<f32> {

@@ -8,7 +8,7 @@ use flowers_coordinator::{
     ServerHandle, WorkerInfo,
 };
 use flowers_proto::v1 as pb;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::SafeTensors;
 use tonic::Code;
 
 const TOKEN: &str = "s3cret";
@@ -63,26 +63,7 @@ fn config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {
 }
 
 fn tensors(entries: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = entries
-        .iter()
-        .map(|(n, s, v)| {
-            (
-                n.to_string(),
-                s.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(&str, TensorView<'_>)> = data
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.as_str(),
-                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, None).unwrap()
+    flowers_coordinator::tensors::f32_safetensors(entries).unwrap()
 }
 
 fn read(bytes: &[u8], name: &str) -> Vec<f32> {
