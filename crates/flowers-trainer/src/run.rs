@@ -689,19 +689,10 @@ impl<C: Coordination> Runner<'_, C> {
             progress.done.len() as u32,
             batch.batches_in_epoch,
         );
-        let pixels = std::mem::take(&mut batch.pixels);
-        let labels = batch.labels.clone();
-        let shape = shape_of(batch);
+        let owned = OwnedBatch::take(batch);
         let result = self
             .worker
-            .call(move |st| {
-                let view = BatchView {
-                    pixels: &pixels,
-                    shape,
-                    labels: &labels,
-                };
-                st.train_step(view, lr).map(|o| (o, st.step))
-            })
+            .call(move |st| st.train_step(owned.view(), lr).map(|o| (o, st.step)))
             .await
             .map_err(TrainError::from)
             .and_then(|r| r);
@@ -734,19 +725,12 @@ impl<C: Coordination> Runner<'_, C> {
     ) -> Result<BatchEval, TrainError> {
         let batch = &mut delivery.batch;
         let (epoch, batch_index) = (batch.epoch, batch.batch_index);
-        let pixels = std::mem::take(&mut batch.pixels);
-        let labels = batch.labels.clone();
-        let shape = shape_of(batch);
+        let owned = OwnedBatch::take(batch);
         let mut tally = EvalTally::new(self.num_classes as usize);
         let result = self
             .worker
             .call(move |st| {
-                let view = BatchView {
-                    pixels: &pixels,
-                    shape,
-                    labels: &labels,
-                };
-                let r = st.evaluate(view, &mut tally);
+                let r = st.evaluate(owned.view(), &mut tally);
                 (tally, r)
             })
             .await;
@@ -771,7 +755,29 @@ impl<C: Coordination> Runner<'_, C> {
 }
 
 /// `[N, H, W, 3]` of a verified batch.
-fn shape_of(batch: &Batch) -> [i64; 4] {
-    let s = &batch.shape;
-    [s[0], s[1], s[2], s[3]].map(i64::from)
+/// A delivered batch's pixels and labels, moved out of the message so that the training
+/// thread can own them.
+struct OwnedBatch {
+    pixels: Vec<u8>,
+    labels: Vec<u32>,
+    shape: [i64; 4],
+}
+
+impl OwnedBatch {
+    fn take(batch: &mut Batch) -> Self {
+        let s = &batch.shape;
+        Self {
+            shape: [s[0], s[1], s[2], s[3]].map(i64::from),
+            pixels: std::mem::take(&mut batch.pixels),
+            labels: batch.labels.clone(),
+        }
+    }
+
+    fn view(&self) -> BatchView<'_> {
+        BatchView {
+            pixels: &self.pixels,
+            shape: self.shape,
+            labels: &self.labels,
+        }
+    }
 }
