@@ -243,6 +243,21 @@ pub fn f32_safetensors(
     safetensors::serialize(views, None)
 }
 
+/// The values of the f32 tensor `name` in a safetensors buffer (the reverse of
+/// [`f32_safetensors`]).
+pub fn f32_values(
+    bytes: &[u8],
+    name: &str,
+) -> std::result::Result<Vec<f32>, safetensors::SafeTensorError> {
+    let tensors = SafeTensors::deserialize(bytes)?;
+    let view = tensors.tensor(name)?;
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -252,13 +267,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn read_f32(bytes: &[u8], name: &str) -> Vec<f32> {
-        let t = SafeTensors::deserialize(bytes).unwrap();
-        t.tensor(name)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
+        f32_values(bytes, name).unwrap()
     }
 
     #[test]

@@ -67,13 +67,7 @@ fn tensors(entries: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
 }
 
 fn read(bytes: &[u8], name: &str) -> Vec<f32> {
-    let t = SafeTensors::deserialize(bytes).unwrap();
-    t.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    flowers_coordinator::tensors::f32_values(bytes, name).unwrap()
 }
 
 fn step(epoch: u32, batch: u32) -> pb::StepMetrics {

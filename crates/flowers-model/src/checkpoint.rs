@@ -114,13 +114,11 @@ pub fn load_checkpoint(
             .get(&name)
             .ok_or_else(|| ModelError::bad_file(path, format!("tensor {name} is missing")))?;
         if src.size() != var.size() {
-            return Err(ModelError::bad_file(
+            return Err(ModelError::shape_mismatch(
                 path,
-                format!(
-                    "tensor {name} has shape {:?}, the model needs {:?}",
-                    src.size(),
-                    var.size()
-                ),
+                &name,
+                &src.size(),
+                &var.size(),
             ));
         }
         tch::no_grad(|| var.f_copy_(src))?;

@@ -36,4 +36,17 @@ impl ModelError {
             message: message.into(),
         }
     }
+
+    /// A tensor in `path` whose shape is not the model's.
+    pub(crate) fn shape_mismatch(
+        path: &std::path::Path,
+        name: &str,
+        file: &[i64],
+        model: &[i64],
+    ) -> Self {
+        Self::bad_file(
+            path,
+            format!("tensor {name} has shape {file:?}, the model needs {model:?}"),
+        )
+    }
 }

@@ -74,13 +74,11 @@ pub fn load_pretrained(vs: &tch::nn::VarStore, path: &Path) -> Result<Pretrained
             }
             Some(_) | None if is_head => kept_initial.push(name),
             Some(src) => {
-                return Err(ModelError::bad_file(
+                return Err(ModelError::shape_mismatch(
                     path,
-                    format!(
-                        "tensor {name} has shape {:?}, the model needs {:?}",
-                        src.size(),
-                        var.size()
-                    ),
+                    &name,
+                    &src.size(),
+                    &var.size(),
                 ))
             }
             None => {
