@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 usage() {
   cat <<USAGE
 usage: just demo [--epochs N] [--trainers N] [--img-size PX] [--classes N] [--recipe reference|fast]
-                 [--batch-size N] [--sync-every K] [--threads-per-trainer N]
+                 [--batch-size N] [--sync-every K] [--eval-every FRACTION] [--threads-per-trainer N]
 Defaults finish in about 10 minutes on a 2-core CPU.
 USAGE
 }
 
-epochs=3 trainers=2 img_size=224 classes=0 recipe=fast batch_size=32 sync_every=10 threads=""
+epochs=3 trainers=2 img_size=224 classes=0 recipe=fast batch_size=32 sync_every=10 eval_every=1 threads=""
 while (($#)); do
   case "$1" in
     --epochs) epochs=$2; shift 2 ;;
@@ -23,6 +23,7 @@ while (($#)); do
     --recipe) recipe=$2; shift 2 ;;
     --batch-size) batch_size=$2; shift 2 ;;
     --sync-every) sync_every=$2; shift 2 ;;
+    --eval-every) eval_every=$2; shift 2 ;;
     --threads-per-trainer) threads=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -66,7 +67,8 @@ pids+=($!)
 limit=()
 if ((classes > 0)); then limit=(--classes "$classes"); fi
 "$bin/loader" run --data "$archive" --labels "$data_dir/imagelabels.mat" --run-id "$run_id" \
-  --epochs "$epochs" --img-size "$img_size" --batch-size "$batch_size" --coordinator "$coordinator" \
+  --epochs "$epochs" --eval-every "$eval_every" --img-size "$img_size" --batch-size "$batch_size" \
+  --coordinator "$coordinator" \
   --cache-dir "$out" "${limit[@]}" >"$out/loader.log" 2>&1 &
 pids+=($!)
 

@@ -3,7 +3,7 @@
 
 use flowers_broker::{
     connect, dead_queue, delete_run_queues, message_count, train_queue, val_queue, Backoff,
-    BrokerError, Consumer, Published, Publisher, PublisherOptions,
+    BrokerError, Consumer, Published, Publisher, PublisherOptions, RunLayout,
 };
 use flowers_e2e::{broker_url, synthetic_batch, unique_run_id, TcpProxy};
 use flowers_wire::{Split, WireError};
@@ -35,9 +35,14 @@ async fn malformed_messages_are_dead_lettered_and_good_ones_delivered() {
     let url = broker_url();
     let run = unique_run_id("dlx");
     let conn = connect(&url, "test").await.unwrap();
-    let mut publisher = Publisher::connect(&url, &run, 1, PublisherOptions::default())
-        .await
-        .unwrap();
+    let mut publisher = Publisher::connect(
+        &url,
+        &run,
+        RunLayout::epochs(1),
+        PublisherOptions::default(),
+    )
+    .await
+    .unwrap();
     let queue = train_queue(&run, 0);
 
     // Raw messages the loader would never send: garbage, and a batch whose pixels were altered.
@@ -85,7 +90,9 @@ async fn malformed_messages_are_dead_lettered_and_good_ones_delivered() {
     assert_eq!(message_count(&conn, &queue).await.unwrap(), Some(0));
     consumer.close().await.unwrap();
 
-    delete_run_queues(&conn, &run, 1).await.unwrap();
+    delete_run_queues(&conn, &run, RunLayout::epochs(1))
+        .await
+        .unwrap();
     assert_eq!(message_count(&conn, &queue).await.unwrap(), None);
 }
 
@@ -94,9 +101,14 @@ async fn requeued_batches_come_back() {
     let url = broker_url();
     let run = unique_run_id("requeue");
     let conn = connect(&url, "test").await.unwrap();
-    let mut publisher = Publisher::connect(&url, &run, 1, PublisherOptions::default())
-        .await
-        .unwrap();
+    let mut publisher = Publisher::connect(
+        &url,
+        &run,
+        RunLayout::epochs(1),
+        PublisherOptions::default(),
+    )
+    .await
+    .unwrap();
     let batch = synthetic_batch(&run, 0, Split::Validation, 0, 1, 3, 5);
     assert_eq!(publisher.publish(&batch).await.unwrap(), Published::Sent);
     publisher.flush().await.unwrap();
@@ -121,7 +133,9 @@ async fn requeued_batches_come_back() {
         .unwrap()
         .is_none());
     consumer.close().await.unwrap();
-    delete_run_queues(&conn, &run, 1).await.unwrap();
+    delete_run_queues(&conn, &run, RunLayout::epochs(1))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -143,7 +157,9 @@ async fn backpressure_keeps_the_queues_at_the_limit() {
         poll_interval: Duration::from_millis(20),
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&url, &run, 1, opts).await.unwrap();
+    let mut publisher = Publisher::connect(&url, &run, RunLayout::epochs(1), opts)
+        .await
+        .unwrap();
     let total = 7u32;
     let batches: Vec<_> = (0..total)
         .map(|i| synthetic_batch(&run, 0, Split::Train, i, total, 2, 8))
@@ -186,7 +202,9 @@ async fn backpressure_keeps_the_queues_at_the_limit() {
     assert_eq!(stats.batches, u64::from(total));
     assert!(stats.backpressure_waits >= 1);
     consumer.close().await.unwrap();
-    delete_run_queues(&conn, &run, 1).await.unwrap();
+    delete_run_queues(&conn, &run, RunLayout::epochs(1))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -198,7 +216,9 @@ async fn oversized_batches_are_refused_before_publishing() {
         max_message_bytes: 10_000,
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&url, &run, 1, opts).await.unwrap();
+    let mut publisher = Publisher::connect(&url, &run, RunLayout::epochs(1), opts)
+        .await
+        .unwrap();
     let big = synthetic_batch(&run, 0, Split::Train, 0, 1, 4, 32); // 12 KiB of pixels
     let err = publisher.publish(&big).await.unwrap_err();
     assert!(
@@ -218,7 +238,9 @@ async fn oversized_batches_are_refused_before_publishing() {
         message_count(&conn, &train_queue(&run, 0)).await.unwrap(),
         Some(0)
     );
-    delete_run_queues(&conn, &run, 1).await.unwrap();
+    delete_run_queues(&conn, &run, RunLayout::epochs(1))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -235,7 +257,7 @@ async fn publisher_reconnects_and_resends_only_unconfirmed_batches() {
         },
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&proxy.url(&url), &run, 1, opts)
+    let mut publisher = Publisher::connect(&proxy.url(&url), &run, RunLayout::epochs(1), opts)
         .await
         .unwrap();
     let total = 10u32;
@@ -280,5 +302,7 @@ async fn publisher_reconnects_and_resends_only_unconfirmed_batches() {
     }
     assert_eq!(seen, (0..total).collect());
     consumer.close().await.unwrap();
-    delete_run_queues(&conn, &run, 1).await.unwrap();
+    delete_run_queues(&conn, &run, RunLayout::epochs(1))
+        .await
+        .unwrap();
 }

@@ -3,7 +3,8 @@
 //! batch is consumed back; bad inputs make the CLI fail naming the file.
 
 use flowers_broker::{
-    connect, delete_run_queues, train_queue, val_queue, Consumer, PublisherOptions,
+    connect, delete_run_queues, eval_queue, train_queue, val_queue, Consumer, PublisherOptions,
+    RunLayout,
 };
 use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::SplitStrategy;
@@ -58,6 +59,8 @@ async fn two_epochs_arrive_byte_exact_shuffled_and_complete() {
         preprocess: preprocess.clone(),
         batch_size: 4,
         epochs: 2,
+        // An interim evaluation halfway through each epoch: its own queue, val.E.1.
+        evaluations_per_epoch: 2,
         seed: 11,
         run_id: run_id.clone(),
         broker_url: broker_url(),
@@ -81,8 +84,17 @@ async fn two_epochs_arrive_byte_exact_shuffled_and_complete() {
     for epoch in 0..2 {
         let train = drain(&conn, &train_queue(&run_id, epoch)).await;
         let val = drain(&conn, &val_queue(&run_id, epoch)).await;
+        let interim = drain(&conn, &eval_queue(&run_id, epoch, 1)).await;
         assert_eq!(summary.epochs[epoch as usize].train_batches, train.len());
         assert_eq!(summary.epochs[epoch as usize].val_batches, val.len());
+        assert_eq!(
+            summary.epochs[epoch as usize].interim_val_batches,
+            interim.len()
+        );
+        // The interim evaluation sees the same validation batches, marked as part 1.
+        assert_eq!(numbers(&interim), numbers(&val));
+        assert!(interim.iter().all(|b| b.eval_part == 1));
+        assert!(val.iter().all(|b| b.eval_part == 0));
         for (split, batches) in [(Split::Train, &train), (Split::Validation, &val)] {
             for (i, batch) in batches.iter().enumerate() {
                 assert_eq!(
@@ -127,7 +139,9 @@ async fn two_epochs_arrive_byte_exact_shuffled_and_complete() {
     assert_eq!(val_orders[0], val_orders[1], "validation order is fixed");
     assert!(!val_orders[0].is_empty());
 
-    delete_run_queues(&conn, &run_id, 2).await.unwrap();
+    delete_run_queues(&conn, &run_id, RunLayout::epochs(2).with_evaluations(2))
+        .await
+        .unwrap();
 }
 
 /// Runs `loader run` on `data` with `labels`; returns (success, stderr).

@@ -1,7 +1,8 @@
 //! The whole system end to end, as real processes against the real local RabbitMQ: a
 //! coordinator, the loader and two trainers train 10 classes of the shared archive at 75 px
-//! for 2 epochs from the pretrained weights. Then the same with faults: a trainer killed
-//! with SIGKILL mid-epoch, and the coordinator killed and restarted mid-run.
+//! for 2 epochs from the pretrained weights, validating halfway through each epoch
+//! (`--eval-every 0.5`) and at its end. Then the same with faults: a trainer killed with
+//! SIGKILL mid-epoch, and the coordinator killed and restarted mid-run.
 
 use flowers_coordinator::{ClientConfig, CoordinatorClient};
 use flowers_e2e::{broker_url, free_port, unique_run_id, workspace_binary, Service};
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 const EPOCHS: u32 = 2;
+/// `--eval-every 0.5`: halfway and at the end of each epoch.
+const EVALUATIONS: u32 = 2;
 const CLASSES: u32 = 10;
 const IMG: u32 = 75;
 const BATCH: u32 = 16;
@@ -95,6 +98,7 @@ impl Cluster {
             .arg(data.join("imagelabels.mat"))
             .args(["--classes", &CLASSES.to_string()])
             .args(["--epochs", &EPOCHS.to_string()])
+            .args(["--eval-every", &(1.0 / f64::from(EVALUATIONS)).to_string()])
             .args(["--img-size", &IMG.to_string()])
             .args(["--batch-size", &BATCH.to_string()])
             .args(["--threads", "1"])
@@ -205,6 +209,11 @@ impl Cluster {
             );
             assert!(epoch.trained && epoch.validated, "{epoch:?}");
             assert_eq!(epoch.val_batches_done, epoch.val_batches_total, "{epoch:?}");
+            assert_eq!(epoch.interim.len() as u32, EVALUATIONS - 1, "{epoch:?}");
+            for interim in &epoch.interim {
+                assert!(interim.validated, "{epoch:?}");
+                assert_eq!(interim.val_batches_done, epoch.val_batches_total);
+            }
         }
         let best = status.best.as_ref().expect("a best checkpoint");
         // Checkpoint paths are relative to the coordinator's --state-dir.
@@ -221,7 +230,9 @@ impl Drop for Cluster {
         let cleanup = std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(async {
                 if let Ok(conn) = flowers_broker::connect(&url, "e2e-cleanup").await {
-                    let _ = flowers_broker::delete_run_queues(&conn, &run_id, EPOCHS).await;
+                    let layout =
+                        flowers_broker::RunLayout::epochs(EPOCHS).with_evaluations(EVALUATIONS);
+                    let _ = flowers_broker::delete_run_queues(&conn, &run_id, layout).await;
                 }
             })
         });
@@ -279,8 +290,13 @@ async fn two_trainers_train_every_batch_once_and_learn() {
     );
     for e in &status.epochs {
         eprintln!(
-            "epoch {}: train loss {:.3} acc {:.3}, validation acc {:.3} top-5 {:.3}",
-            e.epoch, e.train_loss, e.train_accuracy, e.val_accuracy, e.val_top5_accuracy
+            "epoch {}: train loss {:.3} acc {:.3}, validation acc {:.3} top-5 {:.3} (halfway {:.3})",
+            e.epoch,
+            e.train_loss,
+            e.train_accuracy,
+            e.val_accuracy,
+            e.val_top5_accuracy,
+            e.interim[0].val_accuracy
         );
     }
     let last = status.epochs.last().unwrap();

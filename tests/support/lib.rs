@@ -86,6 +86,7 @@ pub fn synthetic_batch(
         batch_index: index,
         batches_in_epoch: of,
         num_classes: 10,
+        eval_part: 0,
     };
     let names = (0..n)
         .map(|i| format!("jpg/image_{:05}.jpg", index as usize * n + i + 1))

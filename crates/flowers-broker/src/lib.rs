@@ -2,7 +2,9 @@
 //!
 //! # Queues of a run (see [`names`])
 //! * `flowers.<run_id>.train.<E>`: training batches of epoch `E` ([`train_queue`]);
-//! * `flowers.<run_id>.val.<E>`: validation batches of epoch `E` ([`val_queue`]);
+//! * `flowers.<run_id>.val.<E>`: validation batches of epoch `E`'s end ([`val_queue`]);
+//! * `flowers.<run_id>.val.<E>.<p>`: with `n` evaluations per epoch, the validation batches
+//!   of the interim evaluation after `p/n` of epoch `E` ([`eval_queue`], [`RunLayout`]);
 //! * `flowers.<run_id>.dead`: dead letters ([`dead_queue`]), bound to the direct
 //!   exchange `flowers.dlx` ([`DLX_EXCHANGE`]) with routing key `<run_id>`.
 //!
@@ -13,9 +15,10 @@
 //! # Publishing (the loader)
 //! ```no_run
 //! # async fn f(batches: Vec<flowers_wire::Batch>) -> Result<(), flowers_broker::BrokerError> {
-//! use flowers_broker::{Publisher, PublisherOptions};
+//! use flowers_broker::{Publisher, PublisherOptions, RunLayout};
 //! let opts = PublisherOptions { max_queued_batches: 64, ..Default::default() };
-//! let mut publisher = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "run1", 2, opts).await?;
+//! let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+//! let mut publisher = Publisher::connect(url, "run1", RunLayout::epochs(2), opts).await?;
 //! for batch in &batches {
 //!     publisher.publish(batch).await?; // waits while the run's queues are full
 //! }
@@ -60,6 +63,8 @@ pub use connection::{connect, connect_with_backoff, Backoff, DEFAULT_BROKER_URL}
 pub use consumer::{Consumer, Delivery};
 pub use error::{redact_url, BrokerError};
 pub use lapin::Connection;
-pub use names::{dead_queue, train_queue, val_queue, validate_run_id, DLX_EXCHANGE};
+pub use names::{
+    dead_queue, eval_queue, train_queue, val_queue, validate_run_id, RunLayout, DLX_EXCHANGE,
+};
 pub use publisher::{BatchKey, PublishStats, Published, Publisher, PublisherOptions};
 pub use topology::{batch_queue_arguments, declare_run_topology, delete_run_queues, message_count};

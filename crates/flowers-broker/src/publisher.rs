@@ -2,7 +2,7 @@
 
 use crate::connection::{connect_with_backoff, Backoff};
 use crate::error::redact_url;
-use crate::names::{train_queue, val_queue, validate_run_id};
+use crate::names::{eval_queue, run_queues, train_queue, validate_run_id, RunLayout};
 use crate::topology::{declare_run_topology, passive_count};
 use crate::BrokerError;
 use flowers_wire::{describe, encode_batch, Batch, Split, DEFAULT_MAX_MESSAGE_BYTES};
@@ -50,21 +50,25 @@ pub struct BatchKey {
     pub epoch: u32,
     /// `true` for validation batches.
     pub validation: bool,
+    /// Which evaluation of the epoch a validation batch is for (0: its end).
+    pub eval_part: u32,
     pub batch_index: u32,
 }
 
 impl BatchKey {
     fn of(batch: &Batch) -> Self {
+        let validation = batch.split == Split::Validation as i32;
         BatchKey {
             epoch: batch.epoch,
-            validation: batch.split == Split::Validation as i32,
+            validation,
+            eval_part: if validation { batch.eval_part } else { 0 },
             batch_index: batch.batch_index,
         }
     }
 
     fn queue(&self, run_id: &str) -> String {
         if self.validation {
-            val_queue(run_id, self.epoch)
+            eval_queue(run_id, self.epoch, self.eval_part)
         } else {
             train_queue(run_id, self.epoch)
         }
@@ -117,11 +121,12 @@ struct Link {
 pub struct Publisher {
     url: String,
     run_id: String,
-    epochs: u32,
+    layout: RunLayout,
     opts: PublisherOptions,
     link: Option<Link>,
     pending: VecDeque<Pending>,
-    confirmed: BTreeMap<(u32, bool), BTreeSet<u32>>,
+    /// Confirmed batch indices by (epoch, validation, eval_part).
+    confirmed: BTreeMap<(u32, bool, u32), BTreeSet<u32>>,
     /// Upper bound on ready messages in the run's queues: the last polled
     /// depth plus everything sent since.
     queued_bound: u64,
@@ -142,19 +147,19 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// Connects (retrying per `opts.backoff`) and declares the run's topology
-    /// for epochs `0..epochs`, so consumers can subscribe before batches flow.
+    /// Connects (retrying per `opts.backoff`) and declares the run's queues
+    /// (`layout`), so consumers can subscribe before batches flow.
     pub async fn connect(
         url: &str,
         run_id: &str,
-        epochs: u32,
+        layout: RunLayout,
         opts: PublisherOptions,
     ) -> Result<Self, BrokerError> {
         validate_run_id(run_id)?;
         let mut publisher = Publisher {
             url: url.to_string(),
             run_id: run_id.to_string(),
-            epochs,
+            layout,
             opts,
             link: None,
             pending: VecDeque::new(),
@@ -176,13 +181,22 @@ impl Publisher {
     }
 
     /// Confirmed batch indices of one epoch's train (`validation == false`)
-    /// or validation split.
+    /// or epoch-end validation batches.
     pub fn confirmed(&self, epoch: u32, validation: bool) -> Option<&BTreeSet<u32>> {
-        self.confirmed.get(&(epoch, validation))
+        self.confirmed.get(&(epoch, validation, 0))
+    }
+
+    /// Confirmed validation batches of one epoch's interim evaluations, all parts together.
+    pub fn confirmed_interim(&self, epoch: u32) -> usize {
+        self.confirmed
+            .range((epoch, true, 1)..=(epoch, true, u32::MAX))
+            .map(|(_, set)| set.len())
+            .sum()
     }
 
     pub fn is_confirmed(&self, key: BatchKey) -> bool {
-        self.confirmed(key.epoch, key.validation)
+        self.confirmed
+            .get(&(key.epoch, key.validation, key.eval_part))
             .is_some_and(|set| set.contains(&key.batch_index))
     }
 
@@ -301,14 +315,14 @@ impl Publisher {
             .map_err(|e| {
                 BrokerError::amqp("enable publisher confirms on", redact_url(&self.url), e)
             })?;
-        declare_run_topology(&channel, &self.run_id, self.epochs).await?;
+        declare_run_topology(&channel, &self.run_id, self.layout).await?;
         if self.stats.reconnects > 0 {
             info!(url = %redact_url(&self.url), reconnects = self.stats.reconnects, "reconnected to RabbitMQ");
         }
         // Depths are unknown after a reconnect: poll before the next send.
         self.queued_bound = u64::from(self.opts.max_queued_batches);
         self.maybe_nonempty
-            .extend(crate::names::run_queues(&self.run_id, self.epochs));
+            .extend(run_queues(&self.run_id, self.layout));
         self.link = Some(Link {
             conn,
             channel: channel.clone(),
@@ -375,7 +389,7 @@ impl Publisher {
         match confirmation {
             Confirmation::Ack(None) => {
                 self.confirmed
-                    .entry((front.key.epoch, front.key.validation))
+                    .entry((front.key.epoch, front.key.validation, front.key.eval_part))
                     .or_default()
                     .insert(front.key.batch_index);
                 self.stats.batches += 1;

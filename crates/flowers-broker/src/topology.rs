@@ -1,6 +1,6 @@
 //! Declaring, inspecting and deleting a run's exchange and queues.
 
-use crate::names::{dead_queue, run_queues, train_queue, val_queue, validate_run_id, DLX_EXCHANGE};
+use crate::names::{dead_queue, run_queues, validate_run_id, RunLayout, DLX_EXCHANGE};
 use crate::BrokerError;
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -25,13 +25,13 @@ pub fn batch_queue_arguments(run_id: &str) -> FieldTable {
 }
 
 /// Declares (idempotently) the dead-letter exchange, the run's dead queue
-/// bound to it with the run id, and train/val queues for epochs
-/// `0..epochs`, all durable. The dead queue itself has no dead-letter
+/// bound to it with the run id, and the batch queues of every epoch of
+/// `layout`, all durable. The dead queue itself has no dead-letter
 /// arguments: a message rejected there would loop back into it.
 pub async fn declare_run_topology(
     channel: &Channel,
     run_id: &str,
-    epochs: u32,
+    layout: RunLayout,
 ) -> Result<(), BrokerError> {
     validate_run_id(run_id)?;
     let durable = ExchangeDeclareOptions {
@@ -66,8 +66,8 @@ pub async fn declare_run_topology(
         )
         .await
         .map_err(|e| BrokerError::amqp("bind queue", &dead, e))?;
-    for epoch in 0..epochs {
-        for queue in [train_queue(run_id, epoch), val_queue(run_id, epoch)] {
+    for epoch in 0..layout.epochs {
+        for queue in layout.epoch_queues(run_id, epoch) {
             channel
                 .queue_declare(
                     queue.as_str().into(),
@@ -118,12 +118,12 @@ pub(crate) async fn passive_count(channel: &Channel, queue: &str) -> Result<u32,
         })
 }
 
-/// Deletes the run's queues for epochs `0..epochs` and its dead queue
-/// (missing ones are fine); returns how many messages they held.
+/// Deletes the run's queues of `layout` and its dead queue (missing ones are
+/// fine); returns how many messages they held.
 pub async fn delete_run_queues(
     conn: &Connection,
     run_id: &str,
-    epochs: u32,
+    layout: RunLayout,
 ) -> Result<u64, BrokerError> {
     validate_run_id(run_id)?;
     let channel = conn
@@ -131,7 +131,7 @@ pub async fn delete_run_queues(
         .await
         .map_err(|e| BrokerError::amqp("open channel for", run_id, e))?;
     let mut dropped = 0u64;
-    for queue in run_queues(run_id, epochs) {
+    for queue in run_queues(run_id, layout) {
         dropped += u64::from(
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

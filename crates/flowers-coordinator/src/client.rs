@@ -331,11 +331,13 @@ impl CoordinatorClient {
         .await
     }
 
+    /// Reports per-batch validation sums of evaluation `part` (0: the epoch end) of `epoch`.
     pub async fn report_evaluation(
         &self,
         run_id: &str,
         worker_id: &str,
         epoch: u32,
+        part: u32,
         batches: Vec<pb::BatchEvaluation>,
     ) -> ClientResult<pb::ReportEvaluationResponse> {
         let req = pb::ReportEvaluationRequest {
@@ -343,6 +345,7 @@ impl CoordinatorClient {
             worker_id: worker_id.to_owned(),
             epoch,
             batches,
+            part,
         };
         self.retry("ReportEvaluation", |mut c| {
             let req = req.clone();

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flowers_proto::interim_evaluation_after;
 use flowers_proto::v1 as pb;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ pub struct RunSpec {
     pub num_classes: u32,
     pub train_images: u32,
     pub val_images: u32,
+    /// Evaluations per epoch: parts 1..n-1 after p/n of its training, then its end.
+    pub evaluations_per_epoch: u32,
 }
 
 impl From<&pb::RunConfig> for RunSpec {
@@ -79,6 +82,8 @@ impl From<&pb::RunConfig> for RunSpec {
             num_classes: c.num_classes,
             train_images: c.train_images,
             val_images: c.val_images,
+            // proto3's default 0 means the epoch end only.
+            evaluations_per_epoch: c.evaluations_per_epoch.max(1),
         }
     }
 }
@@ -97,6 +102,7 @@ impl From<&RunSpec> for pb::RunConfig {
             num_classes: s.num_classes,
             train_images: s.train_images,
             val_images: s.val_images,
+            evaluations_per_epoch: s.evaluations_per_epoch,
         }
     }
 }
@@ -125,7 +131,44 @@ impl RunSpec {
                 "run config: too many epochs or batches per epoch".into(),
             ));
         }
+        if self.evaluations_per_epoch > self.train_batches_per_epoch {
+            return Err(CoordinatorError::Invalid(format!(
+                "run config: {} evaluations per epoch, but an epoch has only {} training batches",
+                self.evaluations_per_epoch, self.train_batches_per_epoch
+            )));
+        }
         Ok(())
+    }
+
+    /// Where evaluation `part` lives in [`EpochRecord::evaluations`]: interim parts 1..n-1
+    /// first, the epoch end (part 0) last.
+    fn eval_slot(&self, part: u32) -> Option<usize> {
+        let n = self.evaluations_per_epoch;
+        match part {
+            0 => Some(n as usize - 1),
+            p if p < n => Some(p as usize - 1),
+            _ => None,
+        }
+    }
+
+    fn eval_part(&self, slot: usize) -> u32 {
+        if slot + 1 == self.evaluations_per_epoch as usize {
+            0
+        } else {
+            slot as u32 + 1
+        }
+    }
+
+    /// Distinct training batches of an epoch trained before the evaluation in `slot` is due.
+    fn eval_after(&self, slot: usize) -> u32 {
+        match self.eval_part(slot) {
+            0 => self.train_batches_per_epoch,
+            part => interim_evaluation_after(
+                part,
+                self.evaluations_per_epoch,
+                self.train_batches_per_epoch,
+            ),
+        }
     }
 }
 
@@ -135,14 +178,11 @@ enum Phase {
     Finished,
 }
 
+/// One evaluation of the validation set: of an averaged checkpoint, by whichever workers
+/// took its batches.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct EpochRecord {
-    trained_batches: BTreeSet<u32>,
-    train_images: u64,
-    train_loss_sum: f64,
-    train_correct: f64,
-    trained: bool,
-    /// The averaged checkpoint of the epoch-end sync round.
+struct Evaluation {
+    /// The average of the sync round that opened the evaluation.
     checkpoint: Option<String>,
     validated_batches: BTreeSet<u32>,
     val_images: u64,
@@ -152,16 +192,53 @@ struct EpochRecord {
     validated: bool,
 }
 
+fn ratio(num: f64, den: u64) -> f32 {
+    if den == 0 {
+        0.0
+    } else {
+        (num / den as f64) as f32
+    }
+}
+
+impl Evaluation {
+    fn accuracy(&self) -> f32 {
+        ratio(self.val_correct as f64, self.val_images)
+    }
+    fn loss(&self) -> f32 {
+        ratio(self.val_loss_sum, self.val_images)
+    }
+    fn top5_accuracy(&self) -> f32 {
+        ratio(self.val_correct_top5 as f64, self.val_images)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct EpochRecord {
+    trained_batches: BTreeSet<u32>,
+    train_images: u64,
+    train_loss_sum: f64,
+    train_correct: f64,
+    trained: bool,
+    /// In order: the interim evaluations (parts 1..n-1), then the epoch end.
+    evaluations: Vec<Evaluation>,
+}
+
 impl EpochRecord {
-    fn ratio(num: f64, den: u64) -> f32 {
-        if den == 0 {
-            0.0
-        } else {
-            (num / den as f64) as f32
+    fn new(evaluations_per_epoch: u32) -> Self {
+        Self {
+            trained_batches: BTreeSet::new(),
+            train_images: 0,
+            train_loss_sum: 0.0,
+            train_correct: 0.0,
+            trained: false,
+            evaluations: (0..evaluations_per_epoch.max(1))
+                .map(|_| Evaluation::default())
+                .collect(),
         }
     }
-    fn val_accuracy(&self) -> f32 {
-        Self::ratio(self.val_correct as f64, self.val_images)
+
+    fn end(&self) -> &Evaluation {
+        self.evaluations.last().expect("at least the epoch end")
     }
 }
 
@@ -192,11 +269,18 @@ struct Upload {
     samples: u64,
 }
 
+/// An evaluation of the run: epoch, and part (0: the epoch end, p: interim part p).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct EvalPoint {
+    epoch: u32,
+    part: u32,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Round {
     number: u64,
-    /// The epoch whose training this round closes, if it is an epoch-end round.
-    epoch_end: Option<u32>,
+    /// The evaluation whose model this round makes, if it is an evaluation round.
+    evaluation: Option<EvalPoint>,
     epoch: u32,
     participants: BTreeSet<String>,
     /// Uploads live in memory only: after a restart participants send again.
@@ -210,6 +294,8 @@ struct Round {
 struct CheckpointRecord {
     id: String,
     epoch: u32,
+    /// The evaluation that scored it (0: the epoch end).
+    eval_part: u32,
     round: u64,
     size_bytes: u64,
     val_accuracy: Option<f32>,
@@ -388,7 +474,9 @@ impl State {
                 Err(CoordinatorError::RunExists(id))
             };
         }
-        let epochs = (0..spec.epochs).map(|_| EpochRecord::default()).collect();
+        let epochs = (0..spec.epochs)
+            .map(|_| EpochRecord::new(spec.evaluations_per_epoch))
+            .collect();
         let run = Run {
             id: id.clone(),
             spec,
@@ -654,16 +742,26 @@ impl State {
                 req.epoch, spec.epochs
             )));
         }
-        if run.epochs[req.epoch as usize].validated {
+        let slot = spec.eval_slot(req.part).ok_or_else(|| {
+            CoordinatorError::Invalid(format!(
+                "evaluation part {} out of range: the run evaluates {} times per epoch",
+                req.part, spec.evaluations_per_epoch
+            ))
+        })?;
+        let point = EvalPoint {
+            epoch: req.epoch,
+            part: req.part,
+        };
+        if run.epochs[req.epoch as usize].evaluations[slot].validated {
             return Ok(pb::ReportEvaluationResponse {
                 newly_counted: 0,
-                epoch_validated: true,
+                evaluation_complete: true,
             });
         }
-        if req.epoch != run.current_epoch || run.epochs[req.epoch as usize].checkpoint.is_none() {
+        if run.validating() != Some(point) {
             return Err(CoordinatorError::Precondition(format!(
-                "epoch {} is not being validated (its training or its epoch-end sync is not complete)",
-                req.epoch
+                "{} is not being validated (its training or its sync round is not complete)",
+                point.describe()
             )));
         }
         for b in &req.batches {
@@ -673,12 +771,12 @@ impl State {
                 || !b.loss_sum.is_finite()
             {
                 return Err(CoordinatorError::Invalid(format!(
-                    "validation batch {} of epoch {}: index must be below {} and correct counts at most {} images, loss finite",
-                    b.batch_index, req.epoch, spec.val_batches_per_epoch, b.images
+                    "validation batch {} of {}: index must be below {} and correct counts at most {} images, loss finite",
+                    b.batch_index, point.describe(), spec.val_batches_per_epoch, b.images
                 )));
             }
         }
-        let e = &mut run.epochs[req.epoch as usize];
+        let e = &mut run.epochs[req.epoch as usize].evaluations[slot];
         let mut newly = 0;
         for b in &req.batches {
             if e.validated_batches.insert(b.batch_index) {
@@ -695,9 +793,10 @@ impl State {
             val_batches_done: e.validated_batches.len() as u32,
             val_batches_total: spec.val_batches_per_epoch,
             complete,
-            accuracy: e.val_accuracy(),
-            loss: EpochRecord::ratio(e.val_loss_sum, e.val_images),
-            top5_accuracy: EpochRecord::ratio(e.val_correct_top5 as f64, e.val_images),
+            accuracy: e.accuracy(),
+            loss: e.loss(),
+            top5_accuracy: e.top5_accuracy(),
+            part: req.part,
         };
         let run_id = req.run_id.clone();
         self.events.push((
@@ -705,23 +804,24 @@ impl State {
             event(pb::run_event::Event::Evaluation(result)),
         ));
         if complete {
-            self.epoch_validated(&run_id, req.epoch);
+            self.evaluation_validated(&run_id, point);
         }
         Ok(pb::ReportEvaluationResponse {
             newly_counted: newly,
-            epoch_validated: complete,
+            evaluation_complete: complete,
         })
     }
 
-    fn epoch_validated(&mut self, run_id: &str, epoch: u32) {
+    fn evaluation_validated(&mut self, run_id: &str, point: EvalPoint) {
         let run = self.runs.get_mut(run_id).expect("caller checked");
-        let e = &mut run.epochs[epoch as usize];
+        let slot = run.spec.eval_slot(point.part).expect("caller checked");
+        let e = &mut run.epochs[point.epoch as usize].evaluations[slot];
         e.validated = true;
-        let accuracy = e.val_accuracy();
+        let accuracy = e.accuracy();
         let checkpoint = e
             .checkpoint
             .clone()
-            .expect("validated epochs have a checkpoint");
+            .expect("validated evaluations have a checkpoint");
         if let Some(c) = run.checkpoints.iter_mut().find(|c| c.id == checkpoint) {
             c.val_accuracy = Some(accuracy);
         }
@@ -733,8 +833,19 @@ impl State {
         if best_accuracy.is_none_or(|b| accuracy > b) {
             run.best = Some(checkpoint);
         }
-        tracing::info!(run = run_id, epoch, accuracy, "epoch validated");
-        run.current_epoch = epoch + 1;
+        tracing::info!(
+            run = run_id,
+            epoch = point.epoch,
+            part = point.part,
+            accuracy,
+            "evaluation validated"
+        );
+        if point.part != 0 {
+            // An interim evaluation: training of the epoch goes on.
+            self.maybe_open_round(run_id);
+            return;
+        }
+        run.current_epoch = point.epoch + 1;
         if run.current_epoch == run.spec.epochs {
             run.phase = Phase::Finished;
             let best = run.best_status();
@@ -749,25 +860,25 @@ impl State {
         }
     }
 
-    /// Opens a round when one is due and none is open: first the epoch-end round
-    /// of the current epoch, else a periodic one when a worker reached sync_every.
+    /// Opens a round when one is due and none is open: first the round of the current
+    /// epoch's next evaluation once its share of training is done, else a periodic one when a
+    /// worker reached sync_every. None while an evaluation is under way (nobody trains).
     fn maybe_open_round(&mut self, run_id: &str) {
         let sync_every = self.settings.sync_every as u64;
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        if run.phase != Phase::Running || run.round.is_some() {
+        if run.phase != Phase::Running || run.round.is_some() || run.validating().is_some() {
             return;
         }
         let epoch = run.current_epoch;
-        let current = &run.epochs[epoch as usize];
-        let epoch_end = (current.trained && current.checkpoint.is_none()).then_some(epoch);
+        let evaluation = run.due_evaluation();
         let periodic = sync_every > 0
             && run
                 .workers
                 .values()
                 .any(|w| !w.lost && w.steps_since_sync >= sync_every);
-        if epoch_end.is_none() && !periodic {
+        if evaluation.is_none() && !periodic {
             return;
         }
         let participants: BTreeSet<String> = run
@@ -783,13 +894,13 @@ impl State {
         tracing::info!(
             run = run_id,
             round = number,
-            ?epoch_end,
+            ?evaluation,
             workers = participants.len(),
             "sync round opened"
         );
         run.round = Some(Round {
             number,
-            epoch_end,
+            evaluation,
             epoch,
             participants,
             uploads: BTreeMap::new(),
@@ -959,6 +1070,7 @@ impl State {
         run.checkpoints.push(CheckpointRecord {
             id: checkpoint.id.clone(),
             epoch: r.epoch,
+            eval_part: r.evaluation.map_or(0, |p| p.part),
             round: r.number,
             size_bytes: checkpoint.size_bytes,
             val_accuracy: None,
@@ -966,12 +1078,18 @@ impl State {
         });
         run.latest = Some(checkpoint.id.clone());
         tracing::info!(run = run_id, round, workers = r.uploads.len(), checkpoint = %checkpoint.id, "sync round complete");
-        if let Some(epoch) = r.epoch_end {
-            run.epochs[epoch as usize].checkpoint = Some(checkpoint.id.clone());
+        if let Some(point) = r.evaluation {
+            let slot = run
+                .spec
+                .eval_slot(point.part)
+                .expect("rounds open for valid parts");
+            run.epochs[point.epoch as usize].evaluations[slot].checkpoint =
+                Some(checkpoint.id.clone());
             let result = pb::EvaluationResult {
-                epoch,
+                epoch: point.epoch,
                 val_batches_done: 0,
                 val_batches_total: run.spec.val_batches_per_epoch,
+                part: point.part,
                 ..Default::default()
             };
             self.events.push((
@@ -985,7 +1103,7 @@ impl State {
         removed
     }
 
-    /// Keeps the latest checkpoint, the best one and those of epochs awaiting validation.
+    /// Keeps the latest checkpoint, the best one and those of evaluations under way.
     fn prune_checkpoints(&mut self, run_id: &str) -> Vec<String> {
         let Some(run) = self.runs.get_mut(run_id) else {
             return Vec::new();
@@ -994,6 +1112,7 @@ impl State {
         keep.extend(
             run.epochs
                 .iter()
+                .flat_map(|e| &e.evaluations)
                 .filter(|e| !e.validated)
                 .filter_map(|e| e.checkpoint.as_ref()),
         );
@@ -1057,6 +1176,15 @@ impl State {
                 run: run_id.to_owned(),
                 checkpoint: id.to_owned(),
             })
+    }
+}
+
+impl EvalPoint {
+    fn describe(&self) -> String {
+        match self.part {
+            0 => format!("epoch {}", self.epoch),
+            p => format!("epoch {} (interim evaluation {p})", self.epoch),
+        }
     }
 }
 
@@ -1124,17 +1252,41 @@ impl Run {
             }
             _ => 0,
         };
+        let validating = self.validating();
         pb::HeartbeatResponse {
             run_state: state as i32,
             sync_round,
-            evaluate_epoch_plus_one: self.validating_epoch().map_or(0, |e| e + 1),
+            evaluate_epoch_plus_one: validating.map_or(0, |p| p.epoch + 1),
             current_epoch: self.current_epoch,
+            evaluate_part: validating.map_or(0, |p| p.part),
         }
     }
 
-    fn validating_epoch(&self) -> Option<u32> {
+    /// The current epoch's first evaluation not validated yet, by slot.
+    fn next_evaluation(&self) -> Option<(usize, &Evaluation)> {
         let e = self.epochs.get(self.current_epoch as usize)?;
-        (e.checkpoint.is_some() && !e.validated).then_some(self.current_epoch)
+        e.evaluations.iter().enumerate().find(|(_, v)| !v.validated)
+    }
+
+    /// The evaluation under way: its round completed, its batches not all counted.
+    fn validating(&self) -> Option<EvalPoint> {
+        let (slot, v) = self.next_evaluation()?;
+        v.checkpoint.is_some().then(|| EvalPoint {
+            epoch: self.current_epoch,
+            part: self.spec.eval_part(slot),
+        })
+    }
+
+    /// The evaluation whose round is due: its share of the epoch is trained.
+    fn due_evaluation(&self) -> Option<EvalPoint> {
+        let (slot, v) = self.next_evaluation()?;
+        let trained = self.epochs[self.current_epoch as usize]
+            .trained_batches
+            .len() as u32;
+        (v.checkpoint.is_none() && trained >= self.spec.eval_after(slot)).then(|| EvalPoint {
+            epoch: self.current_epoch,
+            part: self.spec.eval_part(slot),
+        })
     }
 
     fn best_status(&self) -> Option<pb::BestCheckpoint> {
@@ -1145,6 +1297,7 @@ impl Run {
             epoch: c.epoch,
             val_accuracy: c.val_accuracy.unwrap_or(0.0),
             path: format!("runs/{}/checkpoints/{}.safetensors", self.id, c.id),
+            eval_part: c.eval_part,
         })
     }
 
@@ -1158,6 +1311,7 @@ impl Run {
             val_accuracy: c.val_accuracy.unwrap_or(0.0),
             best: self.best.as_ref() == Some(&c.id),
             created_at: c.created_at,
+            eval_part: c.eval_part,
         }
     }
 
@@ -1167,20 +1321,38 @@ impl Run {
             .epochs
             .iter()
             .enumerate()
-            .map(|(i, e)| pb::EpochStatus {
-                epoch: i as u32,
-                train_batches_done: e.trained_batches.len() as u32,
-                train_batches_total: spec.train_batches_per_epoch,
-                val_batches_done: e.validated_batches.len() as u32,
-                val_batches_total: spec.val_batches_per_epoch,
-                trained: e.trained,
-                validated: e.validated,
-                train_loss: EpochRecord::ratio(e.train_loss_sum, e.train_images),
-                train_accuracy: EpochRecord::ratio(e.train_correct, e.train_images),
-                val_loss: EpochRecord::ratio(e.val_loss_sum, e.val_images),
-                val_accuracy: e.val_accuracy(),
-                val_top5_accuracy: EpochRecord::ratio(e.val_correct_top5 as f64, e.val_images),
-                checkpoint_id: e.checkpoint.clone().unwrap_or_default(),
+            .map(|(i, e)| {
+                let end = e.end();
+                let interim = e.evaluations[..e.evaluations.len() - 1]
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, v)| pb::InterimEvaluation {
+                        part: spec.eval_part(slot),
+                        after_train_batches: spec.eval_after(slot),
+                        val_batches_done: v.validated_batches.len() as u32,
+                        validated: v.validated,
+                        val_loss: v.loss(),
+                        val_accuracy: v.accuracy(),
+                        val_top5_accuracy: v.top5_accuracy(),
+                        checkpoint_id: v.checkpoint.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                pb::EpochStatus {
+                    epoch: i as u32,
+                    train_batches_done: e.trained_batches.len() as u32,
+                    train_batches_total: spec.train_batches_per_epoch,
+                    val_batches_done: end.validated_batches.len() as u32,
+                    val_batches_total: spec.val_batches_per_epoch,
+                    trained: e.trained,
+                    validated: end.validated,
+                    train_loss: ratio(e.train_loss_sum, e.train_images),
+                    train_accuracy: ratio(e.train_correct, e.train_images),
+                    val_loss: end.loss(),
+                    val_accuracy: end.accuracy(),
+                    val_top5_accuracy: end.top5_accuracy(),
+                    checkpoint_id: end.checkpoint.clone().unwrap_or_default(),
+                    interim,
+                }
             })
             .collect();
         let history = if include_history {
@@ -1214,7 +1386,8 @@ impl Run {
             history,
             sync_every: settings.sync_every,
             latest_checkpoint_id: self.latest.clone().unwrap_or_default(),
-            validating_epoch_plus_one: self.validating_epoch().map_or(0, |e| e + 1),
+            validating_epoch_plus_one: self.validating().map_or(0, |p| p.epoch + 1),
+            validating_part: self.validating().map_or(0, |p| p.part),
         }
     }
 }

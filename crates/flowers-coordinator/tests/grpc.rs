@@ -59,6 +59,7 @@ fn config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {
         num_classes: 102,
         train_images: train * 4,
         val_images: val * 4,
+        evaluations_per_epoch: 1,
     }
 }
 
@@ -326,21 +327,22 @@ async fn an_epoch_completes_and_triggers_validation_aggregation() {
             loss_sum: loss,
         };
         let r = c
-            .report_evaluation(&run, &w, epoch, vec![batch(0, correct0, 5.0)])
+            .report_evaluation(&run, &w, epoch, 0, vec![batch(0, correct0, 5.0)])
             .await
             .unwrap();
-        assert_eq!((r.newly_counted, r.epoch_validated), (1, false));
+        assert_eq!((r.newly_counted, r.evaluation_complete), (1, false));
         // Batch 0 redelivered: counted once.
         let r = c
             .report_evaluation(
                 &run,
                 &w,
                 epoch,
+                0,
                 vec![batch(0, correct0, 5.0), batch(1, correct1, 3.0)],
             )
             .await
             .unwrap();
-        assert_eq!((r.newly_counted, r.epoch_validated), (1, true));
+        assert_eq!((r.newly_counted, r.evaluation_complete), (1, true));
         let s = c.get_run(&run, false).await.unwrap();
         let e = &s.epochs[epoch as usize];
         let accuracy = (correct0 + correct1) as f32 / 20.0;
@@ -381,6 +383,133 @@ async fn an_epoch_completes_and_triggers_validation_aggregation() {
         "the stream ends with the run: {kinds:?}"
     );
     assert_eq!(kinds.iter().filter(|k| **k == "trained").count(), 2);
+    server.shutdown().await.unwrap();
+}
+
+fn evaluation(batch_index: u32, correct: u32) -> pb::BatchEvaluation {
+    pb::BatchEvaluation {
+        batch_index,
+        images: 10,
+        correct,
+        correct_top5: 10,
+        loss_sum: 4.0,
+    }
+}
+
+#[tokio::test]
+async fn interim_evaluations_pause_the_epoch_at_their_share_and_can_be_best() {
+    let dir = tempfile::tempdir().unwrap();
+    // sync_every 1 would open a round at every step: none may open while an evaluation runs.
+    let server = start(dir.path(), 1, 5_000).await;
+    let c = client(&server);
+    let run = c
+        .register_run(
+            pb::RunConfig {
+                evaluations_per_epoch: 2,
+                ..config(1, 4, 1)
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .run_id;
+    let w = worker(&c, &run, "a").await;
+    let sync = |round| c.sync_parameters(&run, &w, round, 4, tensors(&[("w", vec![1], vec![1.0])]));
+
+    // Step 1: a periodic round (sync_every 1), not an evaluation.
+    let d = c
+        .report_steps(&run, &w, 1, vec![step(0, 0)])
+        .await
+        .unwrap()
+        .directives
+        .unwrap();
+    sync(d.sync_round).await.unwrap();
+    let hb = c.heartbeat(&run, &w).await.unwrap();
+    assert_eq!((hb.evaluate_epoch_plus_one, hb.sync_round), (0, 0));
+    // Step 2 is half of the epoch: its round makes the model of interim evaluation 1.
+    let d = c
+        .report_steps(&run, &w, 2, vec![step(0, 1)])
+        .await
+        .unwrap()
+        .directives
+        .unwrap();
+    assert_eq!(
+        d.evaluate_epoch_plus_one, 0,
+        "evaluation waits for the average"
+    );
+    sync(d.sync_round).await.unwrap();
+    let hb = c.heartbeat(&run, &w).await.unwrap();
+    assert_eq!(
+        (hb.evaluate_epoch_plus_one, hb.evaluate_part, hb.sync_round),
+        (1, 1, 0),
+        "interim evaluation 1 asked; no periodic round while it runs"
+    );
+    let s = c.get_run(&run, false).await.unwrap();
+    assert_eq!((s.validating_epoch_plus_one, s.validating_part), (1, 1));
+    // A step trained before the worker saw the request counts, but opens no round.
+    let d = c
+        .report_steps(&run, &w, 3, vec![step(0, 2)])
+        .await
+        .unwrap()
+        .directives
+        .unwrap();
+    assert_eq!((d.sync_round, d.evaluate_part), (0, 1));
+    let err = c
+        .report_evaluation(&run, &w, 0, 0, vec![evaluation(0, 9)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    let err = c
+        .report_evaluation(&run, &w, 0, 2, vec![evaluation(0, 9)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    let r = c
+        .report_evaluation(&run, &w, 0, 1, vec![evaluation(0, 9)])
+        .await
+        .unwrap();
+    assert!(r.evaluation_complete);
+    let s = c.get_run(&run, false).await.unwrap();
+    let interim = &s.epochs[0].interim;
+    assert_eq!(interim.len(), 1);
+    assert_eq!(
+        (
+            interim[0].part,
+            interim[0].after_train_batches,
+            interim[0].validated
+        ),
+        (1, 2, true)
+    );
+    assert_eq!(interim[0].val_accuracy, 0.9);
+    assert!(!s.epochs[0].validated, "the epoch itself goes on");
+    let best = s.best.clone().unwrap();
+    assert_eq!((best.epoch, best.eval_part, best.val_accuracy), (0, 1, 0.9));
+
+    // The periodic round held back during the evaluation opens now.
+    let hb = c.heartbeat(&run, &w).await.unwrap();
+    assert_eq!(hb.evaluate_epoch_plus_one, 0);
+    assert!(hb.sync_round > 0);
+    sync(hb.sync_round).await.unwrap();
+    // Training goes on to the epoch's end, whose evaluation scores lower.
+    let d = c
+        .report_steps(&run, &w, 4, vec![step(0, 3)])
+        .await
+        .unwrap()
+        .directives
+        .unwrap();
+    assert_eq!(d.evaluate_epoch_plus_one, 0);
+    sync(d.sync_round).await.unwrap();
+    let hb = c.heartbeat(&run, &w).await.unwrap();
+    assert_eq!((hb.evaluate_epoch_plus_one, hb.evaluate_part), (1, 0));
+    c.report_evaluation(&run, &w, 0, 0, vec![evaluation(0, 6)])
+        .await
+        .unwrap();
+    let s = c.get_run(&run, false).await.unwrap();
+    assert_eq!(s.state, pb::RunState::Finished as i32);
+    assert_eq!(s.epochs[0].val_accuracy, 0.6);
+    assert_eq!(s.best.unwrap().checkpoint_id, best.checkpoint_id);
+    let (info, _) = c.get_checkpoint(&run, None).await.unwrap();
+    assert_eq!((info.eval_part, info.val_accuracy), (1, 0.9));
     server.shutdown().await.unwrap();
 }
 

@@ -4,7 +4,8 @@
 //! labels, decode the archive once into a disk-backed pixel store, split),
 //! then [`Prepared::publish`] (declare the run's queues; per epoch publish the
 //! shuffled training batches to `train.E`, then the validation batches to
-//! `val.E`, each confirmed by the broker). Between the two, a caller can
+//! `val.E`, and interim validations to `val.E.p` where asked, each confirmed
+//! by the broker). Between the two, a caller can
 //! register the run with the coordinator using [`Prepared::run_config`].
 
 pub mod bench;
@@ -13,6 +14,6 @@ pub mod plan;
 pub mod preprocess;
 
 pub use pipeline::{
-    log_prepared, prepare, publish_bench, run, Assembler, EpochSummary, LoaderConfig, LoaderError,
-    Prepared, PublishBenchReport, RunSummary,
+    evaluations_per_epoch, log_prepared, prepare, publish_bench, run, Assembler, EpochSummary,
+    LoaderConfig, LoaderError, Prepared, PublishBenchReport, RunSummary,
 };

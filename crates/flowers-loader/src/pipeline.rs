@@ -4,7 +4,9 @@ use crate::plan::{EpochPlanner, PlannedBatch};
 use crate::preprocess::{
     preprocess_archive, ImageInfo, PixelStore, PreprocessError, PreprocessOptions, Skipped,
 };
-use flowers_broker::{connect, delete_run_queues, BrokerError, Publisher, PublisherOptions};
+use flowers_broker::{
+    connect, delete_run_queues, BrokerError, Publisher, PublisherOptions, RunLayout,
+};
 use flowers_dataset::{split_images, DatasetError, Labels, SetIds, SplitStrategy};
 use flowers_proto::v1::RunConfig;
 use flowers_wire::{build_batch, encode_batch, Batch, WireError};
@@ -32,6 +34,9 @@ pub struct LoaderConfig {
     pub preprocess: PreprocessOptions,
     pub batch_size: usize,
     pub epochs: u32,
+    /// Evaluations of the validation set per epoch: 1 at its end, `n > 1` also after every
+    /// `1/n` of its training batches (needs a coordinator to ask trainers for them).
+    pub evaluations_per_epoch: u32,
     /// Seed of the per-epoch training order.
     pub seed: u64,
     pub run_id: String,
@@ -127,7 +132,10 @@ pub struct Prepared {
 pub struct EpochSummary {
     pub epoch: u32,
     pub train_batches: usize,
+    /// Of the epoch-end validation.
     pub val_batches: usize,
+    /// Of the interim validations, all together.
+    pub interim_val_batches: usize,
 }
 
 /// What a run published.
@@ -144,6 +152,17 @@ pub struct RunSummary {
     pub publish_seconds: f64,
 }
 
+/// Evaluations per epoch for evaluating every `fraction` of an epoch: `1/fraction`, rounded
+/// (0.125 gives 8, 0.3 gives 3, 1 gives 1: the epoch end only).
+pub fn evaluations_per_epoch(fraction: f64) -> Result<u32, LoaderError> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(LoaderError::Config(format!(
+            "--eval-every must be a fraction of an epoch in (0, 1], got {fraction}"
+        )));
+    }
+    Ok((1.0 / fraction).round().min(f64::from(u16::MAX)) as u32)
+}
+
 /// Reads labels (and set ids), preprocesses the archive into a pixel store
 /// under `cache_dir` and splits the decodable images. Blocking: it decodes on
 /// `cfg.preprocess.threads` threads.
@@ -153,6 +172,11 @@ pub fn prepare(cfg: &LoaderConfig) -> Result<Prepared, LoaderError> {
     }
     if cfg.epochs == 0 {
         return Err(LoaderError::Config("epochs must be positive".into()));
+    }
+    if cfg.evaluations_per_epoch == 0 {
+        return Err(LoaderError::Config(
+            "evaluations per epoch must be at least 1".into(),
+        ));
     }
     flowers_broker::validate_run_id(&cfg.run_id)?;
     let labels = Labels::from_mat_file(&cfg.labels)?;
@@ -187,7 +211,15 @@ pub fn prepare(cfg: &LoaderConfig) -> Result<Prepared, LoaderError> {
             .preprocess
             .classes
             .map_or(labels.num_classes(), |c| c.min(labels.num_classes())),
+        evaluations_per_epoch: cfg.evaluations_per_epoch,
     };
+    if cfg.evaluations_per_epoch > planner.train_batches_per_epoch() {
+        return Err(LoaderError::Config(format!(
+            "{} evaluations per epoch, but an epoch has only {} training batches",
+            cfg.evaluations_per_epoch,
+            planner.train_batches_per_epoch()
+        )));
+    }
     Ok(Prepared {
         images: pre.images.len(),
         skipped: pre.skipped,
@@ -217,11 +249,14 @@ impl Prepared {
             num_classes: self.planner.num_classes,
             train_images: self.planner.train.len() as u32,
             val_images: self.planner.validation.len() as u32,
+            evaluations_per_epoch: self.planner.evaluations_per_epoch,
         }
     }
 
     /// Declares the run's queues and publishes, per epoch, the shuffled
-    /// training batches to `train.E`, then the validation batches to `val.E`.
+    /// training batches to `train.E`, then the validation batches to `val.E`
+    /// (and those of interim evaluations to `val.E.p` among the training ones:
+    /// [`EpochPlanner::epoch_batches`]).
     pub async fn publish(self, cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
         // The first training batch is full-sized: refuse an over-limit run
         // before declaring any queue.
@@ -232,26 +267,24 @@ impl Prepared {
             )?;
         }
         let started = Instant::now();
+        let layout =
+            RunLayout::epochs(cfg.epochs).with_evaluations(self.planner.evaluations_per_epoch);
         let mut publisher = Publisher::connect(
             &cfg.broker_url,
             &self.planner.run_id,
-            cfg.epochs,
+            layout,
             cfg.publisher.clone(),
         )
         .await?;
         let planner = self.planner.clone();
-        let plan = (0..cfg.epochs).flat_map(move |e| {
-            planner
-                .train_batches(e)
-                .into_iter()
-                .chain(planner.val_batches(e))
-        });
+        let plan = (0..cfg.epochs).flat_map(move |e| planner.epoch_batches(e));
         publish_plan(&mut publisher, &self.assembler, plan).await?;
         let epochs = (0..cfg.epochs)
             .map(|epoch| EpochSummary {
                 epoch,
                 train_batches: publisher.confirmed(epoch, false).map_or(0, |s| s.len()),
                 val_batches: publisher.confirmed(epoch, true).map_or(0, |s| s.len()),
+                interim_val_batches: publisher.confirmed_interim(epoch),
             })
             .collect();
         let stats = publisher.close().await?;
@@ -348,6 +381,7 @@ async fn finish_epoch(
         epoch,
         train_batches = count(false),
         val_batches = count(true),
+        interim_val_batches = publisher.confirmed_interim(epoch),
         seconds = took.as_secs_f64(),
         "epoch published and confirmed"
     );
@@ -383,13 +417,15 @@ pub async fn publish_bench(
         batch_size,
         seed: 0,
         num_classes,
+        evaluations_per_epoch: 1,
     };
     let opts = PublisherOptions {
         max_queued_batches: planner.train_batches_per_epoch() + 1,
         ..opts
     };
     let assembler = Arc::new(Assembler::new(store, images));
-    let mut publisher = Publisher::connect(broker_url, run_id, 1, opts).await?;
+    let layout = RunLayout::epochs(1);
+    let mut publisher = Publisher::connect(broker_url, run_id, layout, opts).await?;
     let started = Instant::now();
     let published = publish_plan(
         &mut publisher,
@@ -401,7 +437,7 @@ pub async fn publish_bench(
     let stats = publisher.close().await;
     // The queues go whatever happened, so a failed benchmark leaves nothing behind.
     let conn = connect(broker_url, "flowers-loader bench cleanup").await?;
-    delete_run_queues(&conn, run_id, 1).await?;
+    delete_run_queues(&conn, run_id, layout).await?;
     published?;
     let stats = stats?;
     Ok(PublishBenchReport {
@@ -410,4 +446,20 @@ pub async fn publish_bench(
         seconds,
         mb_per_s: stats.payload_bytes as f64 / 1e6 / seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_every_becomes_evaluations_per_epoch() {
+        assert_eq!(evaluations_per_epoch(0.125).unwrap(), 8);
+        assert_eq!(evaluations_per_epoch(0.3).unwrap(), 3);
+        assert_eq!(evaluations_per_epoch(1.0).unwrap(), 1);
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let err = evaluations_per_epoch(bad).unwrap_err().to_string();
+            assert!(err.contains("--eval-every"), "{bad}: {err}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Which images go into which batch of which epoch.
 
 use flowers_dataset::epoch_order;
+use flowers_proto::interim_evaluation_after;
 use flowers_wire::{BatchHeader, Split};
 
 /// One batch to assemble: its header and its images (by number), in order.
@@ -21,6 +22,8 @@ pub struct EpochPlanner {
     pub batch_size: usize,
     pub seed: u64,
     pub num_classes: u32,
+    /// Evaluations of the validation images per epoch (1: at its end only).
+    pub evaluations_per_epoch: u32,
 }
 
 impl EpochPlanner {
@@ -40,9 +43,33 @@ impl EpochPlanner {
         self.chunk(epoch, Split::Train, &order)
     }
 
-    /// The validation batches of `epoch`, in ascending image number.
-    pub fn val_batches(&self, epoch: u32) -> Vec<PlannedBatch> {
-        self.chunk(epoch, Split::Validation, &self.validation)
+    /// The validation batches of `epoch`'s evaluation `part` (0: its end), in ascending image
+    /// number.
+    pub fn val_batches(&self, epoch: u32, part: u32) -> Vec<PlannedBatch> {
+        let mut batches = self.chunk(epoch, Split::Validation, &self.validation);
+        for b in &mut batches {
+            b.header.eval_part = part;
+        }
+        batches
+    }
+
+    /// Everything `epoch` publishes, in order: its training batches, with each interim
+    /// evaluation's validation batches right after the training batches it follows (so that
+    /// they are there when the coordinator asks for them), then the epoch-end validation.
+    pub fn epoch_batches(&self, epoch: u32) -> Vec<PlannedBatch> {
+        let train = self.train_batches(epoch);
+        let n = self.evaluations_per_epoch.max(1);
+        let mut out = Vec::new();
+        let mut published = 0;
+        for part in 1..n {
+            let after = interim_evaluation_after(part, n, train.len() as u32) as usize;
+            out.extend_from_slice(&train[published..after]);
+            published = after;
+            out.extend(self.val_batches(epoch, part));
+        }
+        out.extend_from_slice(&train[published..]);
+        out.extend(self.val_batches(epoch, 0));
+        out
     }
 
     fn chunk(&self, epoch: u32, split: Split, images: &[u32]) -> Vec<PlannedBatch> {
@@ -58,6 +85,7 @@ impl EpochPlanner {
                     batch_index: index as u32,
                     batches_in_epoch,
                     num_classes: self.num_classes,
+                    eval_part: 0,
                 },
                 images: chunk.to_vec(),
             })
@@ -81,6 +109,7 @@ mod tests {
             batch_size: 4,
             seed: 7,
             num_classes: 3,
+            evaluations_per_epoch: 1,
         }
     }
 
@@ -122,14 +151,14 @@ mod tests {
     #[test]
     fn validation_is_fixed() {
         let p = planner();
-        let v = p.val_batches(5);
+        let v = p.val_batches(5, 0);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].images, [11, 12, 13]);
         assert_eq!(
             (v[0].header.split, v[0].header.epoch),
             (Split::Validation, 5)
         );
-        assert_eq!(p.val_batches(6)[0].images, v[0].images);
+        assert_eq!(p.val_batches(6, 0)[0].images, v[0].images);
         assert_eq!(
             (p.train_batches_per_epoch(), p.val_batches_per_epoch()),
             (3, 1)
@@ -142,7 +171,35 @@ mod tests {
             validation: vec![],
             ..planner()
         };
-        assert!(p.val_batches(0).is_empty());
+        assert!(p.val_batches(0, 0).is_empty());
         assert_eq!(p.val_batches_per_epoch(), 0);
+    }
+
+    #[test]
+    fn interim_validations_follow_their_share_of_training() {
+        let p = EpochPlanner {
+            evaluations_per_epoch: 3,
+            ..planner()
+        };
+        // 3 training batches, evaluations after 1 and 2 of them, then at the end.
+        let order: Vec<(Split, u32, u32)> = p
+            .epoch_batches(4)
+            .iter()
+            .map(|b| (b.header.split, b.header.batch_index, b.header.eval_part))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (Split::Train, 0, 0),
+                (Split::Validation, 0, 1),
+                (Split::Train, 1, 0),
+                (Split::Validation, 0, 2),
+                (Split::Train, 2, 0),
+                (Split::Validation, 0, 0),
+            ]
+        );
+        let once = planner().epoch_batches(4);
+        assert_eq!(once.len(), 4);
+        assert_eq!(once[3].header.split, Split::Validation);
     }
 }

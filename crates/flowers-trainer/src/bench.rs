@@ -60,6 +60,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, TrainError> {
         // torchvision's architecture, as bench/train_step.py times (tf2015 differs in pools only).
         variant: Variant::Torchvision,
         label_smoothing: 0.0,
+        dropout: 0.5,
         flip: true,
         optimizer: opts.optimizer,
     };

@@ -110,8 +110,13 @@ pub struct Coordinated {
     /// What is exchanged in rounds (the same for the whole run) and its metadata.
     sync_names: Vec<String>,
     metadata: HashMap<String, String>,
-    /// The highest epoch this worker saw validated.
-    validated: Option<u32>,
+    /// The latest evaluation this worker saw complete, by [`eval_order`].
+    validated: Option<(u32, u32)>,
+}
+
+/// Orders an epoch's evaluations: the interim parts 1, 2, .. first, its end (part 0) last.
+fn eval_order(epoch: u32, part: u32) -> (u32, u32) {
+    (epoch, if part == 0 { u32::MAX } else { part })
 }
 
 impl Drop for Coordinated {
@@ -162,6 +167,7 @@ impl Coordinated {
             sync_round: 0,
             evaluate_epoch_plus_one: run.validating_epoch_plus_one,
             current_epoch: run.current_epoch,
+            evaluate_part: run.validating_part,
         };
         let directives = Arc::new(watch::channel(first).0);
         let interval = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(10)));
@@ -219,6 +225,16 @@ impl Coordinated {
 
     fn directives(&self) -> pb::HeartbeatResponse {
         *self.directives.borrow()
+    }
+
+    /// The evaluation the coordinator asks for, as (epoch, part), unless this worker already
+    /// saw it complete.
+    fn asked_evaluation(&self) -> Option<(u32, u32)> {
+        let d = self.directives();
+        let epoch = d.evaluate_epoch_plus_one.checked_sub(1)?;
+        let asked = (epoch, d.evaluate_part);
+        let seen = self.validated >= Some(eval_order(epoch, d.evaluate_part));
+        (!seen).then_some(asked)
     }
 
     /// Heartbeats now, for fresh directives.
@@ -390,19 +406,29 @@ impl Coordination for Coordinated {
             }
             _ => {}
         }
-        let epoch = ctx.progress.epoch;
+        let (epoch, part) = (ctx.progress.epoch, ctx.progress.eval_part);
         Ok(match ctx.progress.stage {
             // Over once the epoch-end round is done (validation asked) or the run moved on.
-            Stage::Train => d.current_epoch > epoch || d.evaluate_epoch_plus_one == epoch + 1,
-            // Over once every validation batch is counted, whoever evaluated it.
+            Stage::Train => d.current_epoch > epoch || self.asked_evaluation() == Some((epoch, 0)),
+            // Over once every validation batch is counted, whoever evaluated it: this worker's
+            // last report said so, or the coordinator asks for something else now.
             Stage::Validate => {
-                d.current_epoch > epoch || self.validated.is_some_and(|v| v >= epoch)
+                d.current_epoch > epoch || self.asked_evaluation() != Some((epoch, part))
             }
+        })
+    }
+
+    async fn interim_evaluation(&mut self, epoch: u32) -> Result<Option<u32>, TrainError> {
+        Ok(match self.asked_evaluation() {
+            Some((e, part)) if e == epoch && part > 0 => Some(part),
+            _ => None,
         })
     }
 
     async fn step_done(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
         self.samples += m.images as u64;
+        // The model has moved on from the average it loaded.
+        self.loaded_round = None;
         self.seq += 1;
         let (seq, step) = (
             self.seq,
@@ -432,21 +458,29 @@ impl Coordination for Coordinated {
         Ok(())
     }
 
-    /// Makes sure the model is the epoch's average (a worker that was not in the epoch-end
-    /// round, e.g. one that joined during it, downloads it).
+    /// Makes sure the model is the average the evaluation is of: a worker that was not in its
+    /// round (e.g. one that joined during it), or that trained a step after it, downloads it.
     async fn before_validation(
         &mut self,
         epoch: u32,
+        part: u32,
         worker: &Worker<TrainState>,
     ) -> Result<(), TrainError> {
-        if self.directives().evaluate_epoch_plus_one != epoch + 1 {
+        if self.asked_evaluation() != Some((epoch, part)) {
             return Ok(());
         }
         let status = self.run_status().await?;
         let Some(id) = status
             .epochs
             .get(epoch as usize)
-            .map(|e| e.checkpoint_id.clone())
+            .and_then(|e| match part {
+                0 => Some(e.checkpoint_id.clone()),
+                p => e
+                    .interim
+                    .iter()
+                    .find(|i| i.part == p)
+                    .map(|i| i.checkpoint_id.clone()),
+            })
             .filter(|id| !id.is_empty())
         else {
             return Ok(());
@@ -458,12 +492,14 @@ impl Coordination for Coordinated {
             .map(|c| c.sync_round);
         if round.is_none() || round != self.loaded_round {
             self.load_checkpoint(worker, &id).await?;
+            // What it trained since the round is gone with the reload.
+            self.samples = 0;
         }
         Ok(())
     }
 
     async fn should_validate(&mut self, epoch: u32) -> Result<bool, TrainError> {
-        Ok(self.directives().evaluate_epoch_plus_one == epoch + 1)
+        Ok(self.asked_evaluation() == Some((epoch, 0)))
     }
 
     async fn batch_evaluated(&mut self, c: &BatchEval) -> Result<(), TrainError> {
@@ -474,18 +510,18 @@ impl Coordination for Coordinated {
             correct_top5: c.correct_top5 as u32,
             loss_sum: c.loss_sum,
         };
-        let epoch = c.epoch;
+        let (epoch, part) = (c.epoch, c.eval_part);
         let response = self
             .link
             .call(|l| async move {
                 l.client
-                    .report_evaluation(&l.run_id, &l.worker_id, epoch, vec![batch])
+                    .report_evaluation(&l.run_id, &l.worker_id, epoch, part, vec![batch])
                     .await
             })
             .await?;
-        if response.epoch_validated {
-            info!(epoch, "epoch validated by the coordinator");
-            self.validated = self.validated.max(Some(epoch));
+        if response.evaluation_complete {
+            info!(epoch, part, "evaluation complete at the coordinator");
+            self.validated = self.validated.max(Some(eval_order(epoch, part)));
         }
         Ok(())
     }

@@ -129,6 +129,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         num_classes: meta.num_classes,
         variant: meta.variant,
         label_smoothing: 0.0,
+        dropout: 0.5,
         flip: false,
         optimizer,
     };

@@ -191,9 +191,10 @@ impl EvalTally {
 
     /// The counts of an evaluation of batch `batch_index` of `epoch` (this tally holding that
     /// batch alone), as a coordinator sums them over distinct batches.
-    pub fn batch_counts(&self, epoch: u32, batch_index: u32) -> BatchEval {
+    pub fn batch_counts(&self, epoch: u32, eval_part: u32, batch_index: u32) -> BatchEval {
         BatchEval {
             epoch,
+            eval_part,
             batch_index,
             images: self.images,
             correct: self.top1,
@@ -218,6 +219,8 @@ impl EvalTally {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchEval {
     pub epoch: u32,
+    /// Which evaluation of the epoch (0: its end; p: interim part p).
+    pub eval_part: u32,
     pub batch_index: u32,
     pub images: u64,
     /// Images whose top prediction is the label.
@@ -264,7 +267,7 @@ mod tests {
         assert!((t.top5() - 0.75).abs() < 1e-12);
         assert!((t.mean_loss() - 1.25).abs() < 1e-12);
         assert_eq!(t.per_class(), vec![(0, 1, 1), (1, 0, 2), (3, 0, 1)]);
-        let counts = t.batch_counts(2, 9);
+        let counts = t.batch_counts(2, 0, 9);
         assert_eq!(
             (
                 counts.epoch,

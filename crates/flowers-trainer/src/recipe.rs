@@ -80,6 +80,7 @@ pub struct Overrides {
     pub optimizer: Option<OptimizerKind>,
     pub lr: Option<f64>,
     pub label_smoothing: Option<f64>,
+    pub dropout: Option<f64>,
     pub schedule: Option<ScheduleKind>,
     pub flip: Option<bool>,
 }
@@ -99,6 +100,8 @@ pub struct Hyper {
     pub backbone_lr_scale: f64,
     pub schedule: ScheduleKind,
     pub label_smoothing: f64,
+    /// Dropout before the classifier.
+    pub dropout: f64,
     /// Random horizontal flips of training batches.
     pub flip: bool,
     /// Most head-only warm-up epochs at the start of the run (0 under `reference`).
@@ -118,6 +121,7 @@ impl Hyper {
                 backbone_lr_scale: 1.0,
                 schedule: ScheduleKind::Constant,
                 label_smoothing: 0.0,
+                dropout: 0.5,
                 flip: true,
                 head_epochs: 0,
                 head_lr: 1e-2,
@@ -130,6 +134,7 @@ impl Hyper {
                 backbone_lr_scale: 0.3,
                 schedule: ScheduleKind::Cosine,
                 label_smoothing: 0.1,
+                dropout: 0.5,
                 flip: true,
                 head_epochs: 1,
                 head_lr: 1e-2,
@@ -140,6 +145,7 @@ impl Hyper {
             optimizer: o.optimizer.unwrap_or(base.optimizer),
             lr: o.lr.unwrap_or(base.lr),
             label_smoothing: o.label_smoothing.unwrap_or(base.label_smoothing),
+            dropout: o.dropout.unwrap_or(base.dropout),
             schedule: o.schedule.unwrap_or(base.schedule),
             flip: o.flip.unwrap_or(base.flip),
             ..base
@@ -154,6 +160,12 @@ impl Hyper {
             return Err(TrainError::Usage(format!(
                 "--label-smoothing must be in [0, 1), got {}",
                 h.label_smoothing
+            )));
+        }
+        if !(0.0..1.0).contains(&h.dropout) {
+            return Err(TrainError::Usage(format!(
+                "--dropout must be in [0, 1), got {}",
+                h.dropout
             )));
         }
         Ok(h)
@@ -297,6 +309,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("label-smoothing"));
+        let bad = Overrides {
+            dropout: Some(1.0),
+            ..Default::default()
+        };
+        assert!(Hyper::new(Recipe::Fast, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("dropout"));
         assert!("slow".parse::<Recipe>().is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The consuming loop of `trainer run`: per epoch E, train on `train.E`, then validate on
-//! `val.E`, then E+1. A batch is acked only after the step (or evaluation) that used it, so a
-//! trainer that dies loses no batch: the broker redelivers whatever was unacked.
+//! `val.E`, then E+1; a coordinator may also ask for interim evaluations on `val.E.p` in the
+//! middle of an epoch's training. A batch is acked only after the step (or evaluation) that
+//! used it, so a trainer that dies loses no batch: the broker redelivers whatever was unacked.
 //!
 //! Where the loop needs a decision that a coordinator would make (is this stage over, sync
 //! before validation, who validates, where metrics go), it asks a [`Coordination`];
@@ -12,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flowers_broker::{
-    connect_with_backoff, declare_run_topology, message_count, train_queue, val_queue,
-    validate_run_id, Backoff, Connection, Consumer, Delivery,
+    connect_with_backoff, declare_run_topology, eval_queue, message_count, train_queue, val_queue,
+    validate_run_id, Backoff, Connection, Consumer, Delivery, RunLayout,
 };
 use flowers_model::Policy;
 use flowers_wire::{describe, Batch, Dims, Split};
@@ -51,6 +52,9 @@ pub struct EpochProgress {
     pub batches_in_epoch: Option<u32>,
     /// Validation counts so far (validate stage only).
     pub tally: Option<EvalTally>,
+    /// Validate stage: which evaluation of the epoch (0: its end; p: interim part p).
+    #[serde(default)]
+    pub eval_part: u32,
 }
 
 impl EpochProgress {
@@ -61,6 +65,15 @@ impl EpochProgress {
             done: BTreeSet::new(),
             batches_in_epoch: None,
             tally: None,
+            eval_part: 0,
+        }
+    }
+
+    /// The validate stage of interim evaluation `part` of `epoch`.
+    pub fn interim(epoch: u32, part: u32) -> Self {
+        Self {
+            eval_part: part,
+            ..Self::new(epoch, Stage::Validate)
         }
     }
 
@@ -72,7 +85,7 @@ impl EpochProgress {
     pub fn queue(&self, run_id: &str) -> String {
         match self.stage {
             Stage::Train => train_queue(run_id, self.epoch),
-            Stage::Validate => val_queue(run_id, self.epoch),
+            Stage::Validate => eval_queue(run_id, self.epoch, self.eval_part),
         }
     }
 
@@ -117,17 +130,27 @@ pub trait Coordination {
         ctx: StageContext<'_>,
     ) -> impl Future<Output = Result<bool, TrainError>> + Send;
 
+    /// During the training of `epoch`, at a batch boundary: an interim evaluation (its part) to
+    /// run before the next step, if one is asked for.
+    fn interim_evaluation(
+        &mut self,
+        _epoch: u32,
+    ) -> impl Future<Output = Result<Option<u32>, TrainError>> + Send {
+        async { Ok(None) }
+    }
+
     /// Called after every optimizer step, before its batch is acked.
     fn step_done(
         &mut self,
         metrics: &StepMetrics,
     ) -> impl Future<Output = Result<(), TrainError>> + Send;
 
-    /// Between training and validation of `epoch`: the sync point, e.g. for averaging the
+    /// Before evaluation `part` of `epoch` (0: its end): the sync point, e.g. for averaging the
     /// model across workers (through `worker.call(|state| ..)`).
     fn before_validation(
         &mut self,
         epoch: u32,
+        part: u32,
         worker: &Worker<TrainState>,
     ) -> impl Future<Output = Result<(), TrainError>> + Send;
 
@@ -145,7 +168,7 @@ pub trait Coordination {
         async { Ok(()) }
     }
 
-    /// The finished validation of an epoch (this trainer's share of it).
+    /// A finished evaluation (this trainer's share of it).
     fn validation_done(
         &mut self,
         metrics: &EvalMetrics,
@@ -195,6 +218,7 @@ impl Coordination for Standalone {
     async fn before_validation(
         &mut self,
         _: u32,
+        _: u32,
         _: &Worker<TrainState>,
     ) -> Result<(), TrainError> {
         Ok(())
@@ -216,6 +240,8 @@ pub struct RunOptions {
     pub run_id: String,
     /// Epochs in the run: queues `train.0` .. `train.<epochs-1>`.
     pub epochs: u32,
+    /// Evaluations per epoch (the run's; 1: at its end only), for declaring the run's queues.
+    pub evaluations_per_epoch: u32,
     /// First epoch to train; default 0, or where `resume` stopped.
     pub start_epoch: Option<u32>,
     /// Unacked messages the broker may hand this trainer ahead of use.
@@ -276,16 +302,57 @@ fn read_progress(checkpoint: &Path) -> Result<Option<SavedProgress>, TrainError>
 enum StageEnd {
     Complete,
     Interrupted,
+    /// Training paused for interim evaluation `part` of the epoch.
+    Evaluate(u32),
 }
 
-/// Sums over the steps of one training stage, for the epoch's log line.
-#[derive(Default)]
-struct StageTotals {
+/// Sums over the steps of an epoch's training, for its log line.
+struct TrainTotals {
+    started: Instant,
     images: u64,
     loss_sum: f64,
     correct: u64,
     step_secs: f64,
     wait_secs: f64,
+}
+
+impl TrainTotals {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            images: 0,
+            loss_sum: 0.0,
+            correct: 0,
+            step_secs: 0.0,
+            wait_secs: 0.0,
+        }
+    }
+
+    fn add(&mut self, m: &StepMetrics, data_wait: f64) {
+        self.images += m.images as u64;
+        self.loss_sum += m.loss * m.images as f64;
+        self.correct += (m.accuracy * m.images as f64).round() as u64;
+        self.step_secs += m.step_secs;
+        self.wait_secs += data_wait;
+    }
+
+    fn log(&self, progress: &EpochProgress) {
+        if self.images == 0 {
+            return;
+        }
+        let n = self.images as f64;
+        info!(
+            epoch = progress.epoch,
+            batches = progress.done.len(),
+            images = self.images,
+            loss = format!("{:.4}", self.loss_sum / n),
+            acc = format!("{:.3}", self.correct as f64 / n),
+            images_per_s = format!("{:.1}", n / self.step_secs.max(1e-9)),
+            data_wait_s = format!("{:.1}", self.wait_secs),
+            wall_s = format!("{:.1}", self.started.elapsed().as_secs_f64()),
+            "epoch trained"
+        );
+    }
 }
 
 struct Runner<'a, C> {
@@ -298,6 +365,7 @@ struct Runner<'a, C> {
     num_classes: u32,
     img_size: Option<u32>,
     last_eval: Option<EvalMetrics>,
+    train_totals: TrainTotals,
 }
 
 /// Trains the run's epochs from the broker until done or shut down (see the module docs).
@@ -409,7 +477,8 @@ pub async fn run<C: Coordination>(
             opts.run_id
         ))
     })?;
-    declare_run_topology(&channel, &opts.run_id, opts.epochs).await?;
+    let layout = RunLayout::epochs(opts.epochs).with_evaluations(opts.evaluations_per_epoch);
+    declare_run_topology(&channel, &opts.run_id, layout).await?;
     let _ = channel.close(200, "OK".into()).await;
     if opts.checkpoint_dir.is_none() {
         warn!("no --checkpoint-dir: nothing will be saved");
@@ -429,6 +498,7 @@ pub async fn run<C: Coordination>(
         num_classes,
         img_size,
         last_eval: None,
+        train_totals: TrainTotals::new(),
     };
     let outcome = match runner.epochs(&mut progress).await {
         Ok(o) => o,
@@ -455,29 +525,65 @@ impl<C: Coordination> Runner<'_, C> {
                 .call(move |st| st.set_phase(phase.policy, phase.backbone_lr_scale))
                 .await??;
             if progress.stage == Stage::Train {
-                if let StageEnd::Interrupted = self.stage(progress).await? {
-                    return self.interrupted(progress).await;
+                self.train_totals = TrainTotals::new();
+                loop {
+                    match self.stage(progress).await? {
+                        StageEnd::Complete => break,
+                        StageEnd::Interrupted => return self.interrupted(progress).await,
+                        StageEnd::Evaluate(part) => {
+                            // Interrupted here, the training position is what is saved: the
+                            // interim evaluation is the coordinator's to finish.
+                            let mut interim = EpochProgress::interim(epoch, part);
+                            if self.validation(&mut interim).await?.is_none() {
+                                return self.interrupted(progress).await;
+                            }
+                        }
+                    }
                 }
-                self.coord.before_validation(epoch, &self.worker).await?;
+                self.train_totals.log(progress);
                 *progress = EpochProgress::new(epoch, Stage::Validate);
             }
             if self.coord.should_validate(epoch).await? {
-                if let StageEnd::Interrupted = self.stage(progress).await? {
-                    return self.interrupted(progress).await;
+                match self.validation(progress).await? {
+                    Some(metrics) => self.last_eval = Some(metrics),
+                    None => return self.interrupted(progress).await,
                 }
-                let tally = progress
-                    .tally
-                    .take()
-                    .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
-                let metrics = tally.summary(epoch);
-                info!(%metrics, "validated");
-                self.coord.validation_done(&metrics).await?;
-                self.last_eval = Some(metrics);
             }
             *progress = EpochProgress::new(epoch + 1, Stage::Train);
             self.save(progress).await?;
         }
         Ok(RunOutcome::Finished(self.last_eval.clone()))
+    }
+
+    /// Evaluation `progress.eval_part` of `progress.epoch`: the sync point, then the validate
+    /// stage. Its figures, or `None` when interrupted.
+    async fn validation(
+        &mut self,
+        progress: &mut EpochProgress,
+    ) -> Result<Option<EvalMetrics>, TrainError> {
+        let (epoch, part) = (progress.epoch, progress.eval_part);
+        if progress.done.is_empty() {
+            self.coord
+                .before_validation(epoch, part, &self.worker)
+                .await?;
+        }
+        match self.stage(progress).await? {
+            StageEnd::Complete => {}
+            StageEnd::Interrupted => return Ok(None),
+            StageEnd::Evaluate(_) => unreachable!("interim evaluations interrupt training only"),
+        }
+        let tally = progress
+            .tally
+            .take()
+            .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+        let metrics = tally.summary(epoch);
+        if part == 0 {
+            info!(%metrics, "validated");
+        } else {
+            info!(%metrics, part, "interim evaluation done");
+        }
+        self.coord.validation_done(&metrics).await?;
+        Ok(Some(metrics))
     }
 
     async fn interrupted(&mut self, progress: &EpochProgress) -> Result<RunOutcome, TrainError> {
@@ -522,9 +628,17 @@ impl<C: Coordination> Runner<'_, C> {
         if batch.run_id != self.opts.run_id {
             return Some(format!("it belongs to run {:?}", batch.run_id));
         }
-        if batch.split != progress.split() as i32 || batch.epoch != progress.epoch {
+        let eval_part = if progress.stage == Stage::Validate {
+            progress.eval_part
+        } else {
+            0
+        };
+        if batch.split != progress.split() as i32
+            || batch.epoch != progress.epoch
+            || batch.eval_part != eval_part
+        {
             return Some(format!(
-                "the queue {} holds {:?} batches of epoch {} only",
+                "the queue {} holds {:?} batches of epoch {} (evaluation part {eval_part}) only",
                 progress.queue(&self.opts.run_id),
                 progress.split(),
                 progress.epoch
@@ -577,8 +691,6 @@ impl<C: Coordination> Runner<'_, C> {
     async fn stage(&mut self, progress: &mut EpochProgress) -> Result<StageEnd, TrainError> {
         let queue = progress.queue(&self.opts.run_id);
         let mut consumer = Consumer::open(&self.conn, &queue, self.opts.prefetch).await?;
-        let mut totals = StageTotals::default();
-        let started = Instant::now();
         let mut wait_started = Instant::now();
         let mut last_waiting_log = Instant::now();
         let mut idle = false;
@@ -593,6 +705,11 @@ impl<C: Coordination> Runner<'_, C> {
             };
             if self.coord.stage_done(ctx).await? {
                 break StageEnd::Complete;
+            }
+            if progress.stage == Stage::Train {
+                if let Some(part) = self.coord.interim_evaluation(progress.epoch).await? {
+                    break StageEnd::Evaluate(part);
+                }
             }
             let next = tokio::select! {
                 biased;
@@ -630,11 +747,7 @@ impl<C: Coordination> Runner<'_, C> {
                         return Err(e);
                     }
                     delivery.ack().await?;
-                    totals.images += metrics.images as u64;
-                    totals.loss_sum += metrics.loss * metrics.images as f64;
-                    totals.correct += (metrics.accuracy * metrics.images as f64).round() as u64;
-                    totals.step_secs += metrics.step_secs;
-                    totals.wait_secs += data_wait;
+                    self.train_totals.add(&metrics, data_wait);
                     progress.done.insert(index);
                     progress.batches_in_epoch = Some(batches_in_epoch);
                     info!(%metrics, "step");
@@ -657,20 +770,6 @@ impl<C: Coordination> Runner<'_, C> {
         }
         // Closing hands back whatever was prefetched and not used.
         consumer.close().await?;
-        if progress.stage == Stage::Train && totals.images > 0 {
-            let n = totals.images as f64;
-            info!(
-                epoch = progress.epoch,
-                batches = progress.done.len(),
-                images = totals.images,
-                loss = format!("{:.4}", totals.loss_sum / n),
-                acc = format!("{:.3}", totals.correct as f64 / n),
-                images_per_s = format!("{:.1}", n / totals.step_secs.max(1e-9)),
-                data_wait_s = format!("{:.1}", totals.wait_secs),
-                wall_s = format!("{:.1}", started.elapsed().as_secs_f64()),
-                "epoch trained"
-            );
-        }
         Ok(end)
     }
 
@@ -745,7 +844,7 @@ impl<C: Coordination> Runner<'_, C> {
             let _ = delivery.requeue().await;
             return Err(e);
         }
-        let counts = tally.batch_counts(epoch, batch_index);
+        let counts = tally.batch_counts(epoch, progress.eval_part, batch_index);
         progress
             .tally
             .get_or_insert_with(|| EvalTally::new(self.num_classes as usize))
@@ -754,7 +853,6 @@ impl<C: Coordination> Runner<'_, C> {
     }
 }
 
-/// `[N, H, W, 3]` of a verified batch.
 /// A delivered batch's pixels and labels, moved out of the message so that the training
 /// thread can own them.
 struct OwnedBatch {

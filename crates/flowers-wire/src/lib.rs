@@ -66,6 +66,8 @@ pub struct BatchHeader {
     /// Number of batches of this split in this epoch.
     pub batches_in_epoch: u32,
     pub num_classes: u32,
+    /// Validation batches: which evaluation of the epoch (0: its end; p: the interim one).
+    pub eval_part: u32,
 }
 
 /// Dimensions of a verified batch: `n` images of `height` x `width` x `channels`.
@@ -141,6 +143,7 @@ impl Dims {
 pub fn describe(batch: &Batch) -> String {
     let split = match Split::try_from(batch.split) {
         Ok(Split::Train) => "train".to_string(),
+        Ok(Split::Validation) if batch.eval_part > 0 => format!("val part {}", batch.eval_part),
         Ok(Split::Validation) => "val".to_string(),
         _ => format!("split {}", batch.split),
     };
@@ -174,6 +177,7 @@ pub fn build_batch(
         pixels_crc32c: crc32c::crc32c(&pixels),
         pixels,
         num_classes: header.num_classes,
+        eval_part: header.eval_part,
     };
     verify(&batch)?;
     Ok(batch)
@@ -255,6 +259,7 @@ mod tests {
             batch_index: 1,
             batches_in_epoch: 4,
             num_classes: 102,
+            eval_part: 0,
         }
     }
 

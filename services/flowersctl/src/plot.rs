@@ -72,9 +72,21 @@ fn draw<DB: DrawingBackend>(
     let (top, bottom) = root.split_vertically(SIZE.1 / 2);
     let epochs = s.config.as_ref().map_or(1, |c| c.epochs.max(1));
     let trained: Vec<&pb::EpochStatus> = s.epochs.iter().filter(|e| e.trained).collect();
-    let validated: Vec<&pb::EpochStatus> = s.epochs.iter().filter(|e| e.validated).collect();
-    // Per-epoch values sit at the epoch's end: epoch 0 spans 0..1.
+    // Per-epoch values sit at the epoch's end: epoch 0 spans 0..1. Interim evaluations sit
+    // where they were taken, at their share of the epoch's training batches.
     let end = |e: &pb::EpochStatus| e.epoch as f32 + 1.0;
+    let validated: Vec<(f32, f32, f32)> = s
+        .epochs
+        .iter()
+        .flat_map(|e| {
+            let interim = e.interim.iter().filter(|i| i.validated).map(|i| {
+                let at = i.after_train_batches as f32 / e.train_batches_total.max(1) as f32;
+                (e.epoch as f32 + at, i.val_loss, i.val_accuracy)
+            });
+            let end = e.validated.then_some((end(e), e.val_loss, e.val_accuracy));
+            interim.chain(end)
+        })
+        .collect();
     let loss = [
         Series {
             name: "training loss (steps)",
@@ -95,7 +107,7 @@ fn draw<DB: DrawingBackend>(
         Series {
             name: "validation loss",
             color: RED,
-            points: validated.iter().map(|e| (end(e), e.val_loss)).collect(),
+            points: validated.iter().map(|&(x, loss, _)| (x, loss)).collect(),
             markers: true,
         },
     ];
@@ -124,7 +136,7 @@ fn draw<DB: DrawingBackend>(
             color: RED,
             points: validated
                 .iter()
-                .map(|e| (end(e), e.val_accuracy * 100.0))
+                .map(|&(x, _, acc)| (x, acc * 100.0))
                 .collect(),
             markers: true,
         },

@@ -45,6 +45,20 @@ fn percent(x: f32) -> String {
     format!("{:.2}%", x * 100.0)
 }
 
+/// "epoch 2" for an epoch-end evaluation, "epoch 2 at 3/8" for interim part 3 of 8.
+pub fn evaluation_label(epoch: u32, part: u32, evaluations_per_epoch: u32) -> String {
+    match part {
+        0 => format!("epoch {}", epoch + 1),
+        p => format!("epoch {} at {p}/{evaluations_per_epoch}", epoch + 1),
+    }
+}
+
+fn evaluations_per_epoch(r: &pb::RunStatus) -> u32 {
+    r.config
+        .as_ref()
+        .map_or(1, |c| c.evaluations_per_epoch.max(1))
+}
+
 pub fn run_json(r: &pb::RunStatus) -> Value {
     let c = r.config.clone().unwrap_or_default();
     json!({
@@ -55,6 +69,7 @@ pub fn run_json(r: &pb::RunStatus) -> Value {
             "epochs": c.epochs, "train_batches_per_epoch": c.train_batches_per_epoch,
             "val_batches_per_epoch": c.val_batches_per_epoch, "seed": c.seed, "num_classes": c.num_classes,
             "train_images": c.train_images, "val_images": c.val_images,
+            "evaluations_per_epoch": c.evaluations_per_epoch.max(1),
         },
         "current_epoch": r.current_epoch,
         "steps": r.steps,
@@ -63,6 +78,7 @@ pub fn run_json(r: &pb::RunStatus) -> Value {
         "sync_every": r.sync_every,
         "latest_checkpoint_id": r.latest_checkpoint_id,
         "validating_epoch": r.validating_epoch_plus_one.checked_sub(1),
+        "validating_part": r.validating_part,
         "created_at": r.created_at,
         "epochs": r.epochs.iter().map(|e| json!({
             "epoch": e.epoch,
@@ -72,6 +88,12 @@ pub fn run_json(r: &pb::RunStatus) -> Value {
             "train_loss": e.train_loss, "train_accuracy": e.train_accuracy,
             "val_loss": e.val_loss, "val_accuracy": e.val_accuracy, "val_top5_accuracy": e.val_top5_accuracy,
             "checkpoint_id": e.checkpoint_id,
+            "interim": e.interim.iter().map(|i| json!({
+                "part": i.part, "after_train_batches": i.after_train_batches,
+                "val_batches_done": i.val_batches_done, "validated": i.validated,
+                "val_loss": i.val_loss, "val_accuracy": i.val_accuracy,
+                "val_top5_accuracy": i.val_top5_accuracy, "checkpoint_id": i.checkpoint_id,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "workers": r.workers.iter().map(|w| json!({
             "worker_id": w.worker_id, "host": w.host, "device": w.device, "gpu_name": w.gpu_name,
@@ -79,7 +101,8 @@ pub fn run_json(r: &pb::RunStatus) -> Value {
             "data_wait_fraction": w.data_wait_fraction, "last_heartbeat": w.last_heartbeat,
         })).collect::<Vec<_>>(),
         "best": r.best.as_ref().map(|b| json!({
-            "checkpoint_id": b.checkpoint_id, "epoch": b.epoch, "val_accuracy": b.val_accuracy, "path": b.path,
+            "checkpoint_id": b.checkpoint_id, "epoch": b.epoch, "eval_part": b.eval_part,
+            "val_accuracy": b.val_accuracy, "path": b.path,
         })),
     })
 }
@@ -88,6 +111,7 @@ pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
     json!({
         "checkpoint_id": c.checkpoint_id, "run_id": c.run_id, "epoch": c.epoch, "sync_round": c.sync_round,
         "size_bytes": c.size_bytes, "val_accuracy": c.val_accuracy, "best": c.best, "created_at": c.created_at,
+        "eval_part": c.eval_part,
     })
 }
 
@@ -138,7 +162,11 @@ pub fn runs_table(runs: &[pb::RunStatus]) -> String {
                     .count()
                     .to_string(),
                 r.best.as_ref().map_or("-".into(), |b| {
-                    format!("{} (epoch {})", percent(b.val_accuracy), b.epoch + 1)
+                    format!(
+                        "{} ({})",
+                        percent(b.val_accuracy),
+                        evaluation_label(b.epoch, b.eval_part, evaluations_per_epoch(r))
+                    )
                 }),
             ]
         })
@@ -176,10 +204,13 @@ pub fn status_text(r: &pb::RunStatus) -> String {
     } else {
         format!("{} epochs", c.epochs)
     };
+    let n = evaluations_per_epoch(r);
     let validating = r
         .validating_epoch_plus_one
         .checked_sub(1)
-        .map_or(String::new(), |e| format!(", validating epoch {}", e + 1));
+        .map_or(String::new(), |e| {
+            format!(", validating {}", evaluation_label(e, r.validating_part, n))
+        });
     let _ = writeln!(
         out,
         "{epoch}{validating}, step {}, {:.1} images/s, sync round {} (every {} steps)",
@@ -189,9 +220,9 @@ pub fn status_text(r: &pb::RunStatus) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "best: {} at epoch {}: validation accuracy {} ({})",
+                "best: {} at {}: validation accuracy {} ({})",
                 b.checkpoint_id,
-                b.epoch + 1,
+                evaluation_label(b.epoch, b.eval_part, n),
                 percent(b.val_accuracy),
                 b.path
             );
@@ -201,14 +232,47 @@ pub fn status_text(r: &pb::RunStatus) -> String {
         }
     }
     let _ = writeln!(out);
+    let mark = |done: bool| if done { " ✓" } else { "" };
+    let figures = |started: bool, loss: f32, acc: f32, top5: f32| -> [String; 3] {
+        if started {
+            [format!("{loss:.4}"), percent(acc), percent(top5)]
+        } else {
+            ["-".into(), "-".into(), "-".into()]
+        }
+    };
     let rows: Vec<Vec<String>> = r
         .epochs
         .iter()
         .filter(|e| e.train_batches_done > 0 || e.epoch <= r.current_epoch)
-        .map(|e| {
-            let mark = |done: bool| if done { " ✓" } else { "" };
+        .flat_map(|e| {
+            // Interim evaluations get a row each, after the epoch's own.
+            let interim = e
+                .interim
+                .iter()
+                .filter(|i| i.val_batches_done > 0 || i.validated)
+                .map(|i| {
+                    let [loss, acc, top5] =
+                        figures(true, i.val_loss, i.val_accuracy, i.val_top5_accuracy);
+                    vec![
+                        format!("  at {}/{n}", i.part),
+                        format!("{}/{}", i.after_train_batches, e.train_batches_total),
+                        String::new(),
+                        String::new(),
+                        format!(
+                            "{}/{}{}",
+                            i.val_batches_done,
+                            e.val_batches_total,
+                            mark(i.validated)
+                        ),
+                        loss,
+                        acc,
+                        top5,
+                    ]
+                });
             let val = e.val_batches_done > 0 || e.validated;
-            vec![
+            let [val_loss, val_acc, val_top5] =
+                figures(val, e.val_loss, e.val_accuracy, e.val_top5_accuracy);
+            std::iter::once(vec![
                 (e.epoch + 1).to_string(),
                 format!(
                     "{}/{}{}",
@@ -232,22 +296,11 @@ pub fn status_text(r: &pb::RunStatus) -> String {
                     e.val_batches_total,
                     mark(e.validated)
                 ),
-                if val {
-                    format!("{:.4}", e.val_loss)
-                } else {
-                    "-".into()
-                },
-                if val {
-                    percent(e.val_accuracy)
-                } else {
-                    "-".into()
-                },
-                if val {
-                    percent(e.val_top5_accuracy)
-                } else {
-                    "-".into()
-                },
-            ]
+                val_loss,
+                val_acc,
+                val_top5,
+            ])
+            .chain(interim)
         })
         .collect();
     out.push_str(&table(
@@ -315,7 +368,10 @@ pub fn checkpoints_table(checkpoints: &[pb::CheckpointInfo]) -> String {
         .map(|c| {
             vec![
                 c.checkpoint_id.clone(),
-                (c.epoch + 1).to_string(),
+                match c.eval_part {
+                    0 => (c.epoch + 1).to_string(),
+                    p => format!("{} at part {p}", c.epoch + 1),
+                },
                 c.sync_round.to_string(),
                 format!("{:.1} MiB", c.size_bytes as f64 / (1 << 20) as f64),
                 if c.val_accuracy > 0.0 || c.best {
@@ -331,4 +387,63 @@ pub fn checkpoints_table(checkpoints: &[pb::CheckpointInfo]) -> String {
         &["CHECKPOINT", "EPOCH", "ROUND", "SIZE", "VAL ACC", ""],
         &rows,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interim_evaluations_get_rows_and_labels() {
+        let interim = pb::InterimEvaluation {
+            part: 1,
+            after_train_batches: 5,
+            val_batches_done: 3,
+            validated: true,
+            val_loss: 0.5,
+            val_accuracy: 0.8125,
+            val_top5_accuracy: 1.0,
+            checkpoint_id: "round-000003".into(),
+        };
+        let status = pb::RunStatus {
+            run_id: "r".into(),
+            config: Some(pb::RunConfig {
+                epochs: 1,
+                evaluations_per_epoch: 2,
+                ..Default::default()
+            }),
+            state: pb::RunState::Running as i32,
+            epochs: vec![pb::EpochStatus {
+                train_batches_done: 7,
+                train_batches_total: 10,
+                val_batches_total: 3,
+                interim: vec![interim],
+                ..Default::default()
+            }],
+            best: Some(pb::BestCheckpoint {
+                checkpoint_id: "round-000003".into(),
+                val_accuracy: 0.8125,
+                eval_part: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = status_text(&status);
+        let row = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("at 1/2"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            row.contains("5/10") && row.contains("3/3 ✓") && row.contains("81.25%"),
+            "{row}"
+        );
+        assert!(
+            text.contains("best: round-000003 at epoch 1 at 1/2: validation accuracy 81.25%"),
+            "{text}"
+        );
+        let json = run_json(&status);
+        assert_eq!(json["epochs"][0]["interim"][0]["after_train_batches"], 5);
+        assert_eq!(json["best"]["eval_part"], 1);
+        assert_eq!(evaluation_label(2, 0, 8), "epoch 3");
+    }
 }

@@ -6,10 +6,13 @@ use flowers_proto::v1 as pb;
 use flowers_proto::v1::run_event::Event;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::render::evaluation_label;
+
 struct Bars {
     train: ProgressBar,
     val: ProgressBar,
     epochs: u32,
+    evaluations_per_epoch: u32,
 }
 
 impl Bars {
@@ -26,6 +29,7 @@ impl Bars {
             train,
             val,
             epochs: 0,
+            evaluations_per_epoch: 1,
         }
     }
 
@@ -35,6 +39,10 @@ impl Bars {
 
     fn snapshot(&mut self, s: &pb::RunStatus) {
         self.epochs = s.config.as_ref().map_or(0, |c| c.epochs);
+        self.evaluations_per_epoch = s
+            .config
+            .as_ref()
+            .map_or(1, |c| c.evaluations_per_epoch.max(1));
         let current = s.current_epoch.min(self.epochs.saturating_sub(1));
         if let Some(e) = s.epochs.get(current as usize) {
             self.train.set_prefix(self.epoch_prefix("train", e.epoch));
@@ -90,9 +98,9 @@ pub async fn watch(client: &CoordinatorClient, run: &str) -> anyhow::Result<()> 
                     ));
                     if let Some(b) = s.best {
                         bars.println(format!(
-                            "best: {} at epoch {} with validation accuracy {:.2}%",
+                            "best: {} at {} with validation accuracy {:.2}%",
                             b.checkpoint_id,
-                            b.epoch + 1,
+                            evaluation_label(b.epoch, b.eval_part, bars.evaluations_per_epoch),
                             b.val_accuracy * 100.0
                         ));
                     }
@@ -118,20 +126,26 @@ pub async fn watch(client: &CoordinatorClient, run: &str) -> anyhow::Result<()> 
                 e.epoch + 1
             )),
             Some(Event::Evaluation(v)) => {
-                bars.val.set_prefix(bars.epoch_prefix("validate", v.epoch));
+                let kind = match v.part {
+                    0 => "validate".to_owned(),
+                    p => format!("{p}/{} validate", bars.evaluations_per_epoch),
+                };
+                bars.val.set_prefix(bars.epoch_prefix(&kind, v.epoch));
                 bars.val.set_length(v.val_batches_total as u64);
                 bars.val.set_position(v.val_batches_done as u64);
                 bars.val
                     .set_message(format!("acc {:.2}% loss {:.4}", v.accuracy * 100.0, v.loss));
                 if v.complete {
                     bars.println(format!(
-                        "epoch {} validated: accuracy {:.2}%, top-5 {:.2}%, loss {:.4}",
-                        v.epoch + 1,
+                        "{} validated: accuracy {:.2}%, top-5 {:.2}%, loss {:.4}",
+                        evaluation_label(v.epoch, v.part, bars.evaluations_per_epoch),
                         v.accuracy * 100.0,
                         v.top5_accuracy * 100.0,
                         v.loss
                     ));
-                    bars.train.set_position(0);
+                    if v.part == 0 {
+                        bars.train.set_position(0);
+                    }
                     bars.val.set_position(0);
                 }
             }
@@ -150,9 +164,9 @@ pub async fn watch(client: &CoordinatorClient, run: &str) -> anyhow::Result<()> 
                 bars.val.finish();
                 match f.best {
                     Some(b) => bars.println(format!(
-                        "run finished: best validation accuracy {:.2}% at epoch {} ({})",
+                        "run finished: best validation accuracy {:.2}% at {} ({})",
                         b.val_accuracy * 100.0,
-                        b.epoch + 1,
+                        evaluation_label(b.epoch, b.eval_part, bars.evaluations_per_epoch),
                         b.checkpoint_id
                     )),
                     None => bars.println("run finished".into()),

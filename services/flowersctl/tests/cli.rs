@@ -67,6 +67,7 @@ async fn run_one_epoch(c: &CoordinatorClient) -> (String, Vec<u8>) {
         num_classes: 102,
         train_images: 16,
         val_images: 8,
+        evaluations_per_epoch: 1,
     };
     let run = c
         .register_run(config, Some("cli-run"))
@@ -101,10 +102,10 @@ async fn run_one_epoch(c: &CoordinatorClient) -> (String, Vec<u8>) {
         loss_sum: 4.0,
     };
     assert!(
-        c.report_evaluation(&run, &w, 0, vec![batch])
+        c.report_evaluation(&run, &w, 0, 0, vec![batch])
             .await
             .unwrap()
-            .epoch_validated
+            .evaluation_complete
     );
     c.report_steps(&run, &w, 2, vec![step(1, 0, 1.0)])
         .await
@@ -292,7 +293,9 @@ async fn watch_follows_a_run_to_its_end() {
         correct_top5: 8,
         loss_sum: 2.0,
     };
-    c.report_evaluation(&run, w, 1, vec![batch]).await.unwrap();
+    c.report_evaluation(&run, w, 1, 0, vec![batch])
+        .await
+        .unwrap();
     let (out, stdout) = tokio::task::spawn_blocking(move || watcher.join().unwrap())
         .await
         .unwrap();

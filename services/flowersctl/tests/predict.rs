@@ -236,6 +236,7 @@ async fn run_with_average(server: &ServerHandle, upload: Vec<u8>) -> String {
         num_classes: CLASSES as u32,
         train_images: 4,
         val_images: 4,
+        evaluations_per_epoch: 1,
     };
     let run = c
         .register_run(config, Some("predict-run"))

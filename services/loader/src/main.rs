@@ -7,7 +7,9 @@ use flowers_coordinator::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
 use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
-use flowers_loader::{log_prepared, prepare, publish_bench, LoaderConfig, RunSummary};
+use flowers_loader::{
+    evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, RunSummary,
+};
 use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;
 use tracing::info;
@@ -120,6 +122,10 @@ struct RunArgs {
     val_sets: Vec<SetName>,
     #[arg(long, env = "FLOWERS_EPOCHS")]
     epochs: u32,
+    /// Also evaluate every this fraction of an epoch (e.g. 0.125, as the reference notebook),
+    /// besides at its end; rounded to 1/n. Needs --coordinator, which asks trainers for them.
+    #[arg(long, env = "FLOWERS_EVAL_EVERY")]
+    eval_every: Option<f64>,
     /// Seed of the split and of every epoch's training order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -172,6 +178,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let evaluations_per_epoch = args.eval_every.map_or(Ok(1), evaluations_per_epoch)?;
+    anyhow::ensure!(
+        evaluations_per_epoch == 1 || args.coordinator.is_some(),
+        "--eval-every needs --coordinator: the coordinator asks trainers for interim evaluations"
+    );
     let run_id = args.run_id.unwrap_or_else(generated_run_id);
     let cfg = LoaderConfig {
         data: args.input.data.clone(),
@@ -181,6 +192,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         preprocess: args.input.preprocess(),
         batch_size: args.input.batch_size,
         epochs: args.epochs,
+        evaluations_per_epoch,
         seed: args.seed,
         run_id,
         broker_url: args.input.broker_url(),
@@ -220,7 +232,14 @@ fn log_summary(s: &RunSummary) {
     let per_epoch: Vec<String> = s
         .epochs
         .iter()
-        .map(|e| format!("{}:{}+{}", e.epoch, e.train_batches, e.val_batches))
+        .map(|e| {
+            let interim = if e.interim_val_batches > 0 {
+                format!("+{}", e.interim_val_batches)
+            } else {
+                String::new()
+            };
+            format!("{}:{}+{}{interim}", e.epoch, e.train_batches, e.val_batches)
+        })
         .collect();
     info!(
         run_id = %s.run_id,

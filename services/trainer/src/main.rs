@@ -161,6 +161,9 @@ struct HyperArgs {
     /// Label smoothing of the training loss [recipe: 0 reference, 0.1 fast].
     #[arg(long)]
     label_smoothing: Option<f64>,
+    /// Dropout before the classifier [recipe: 0.5].
+    #[arg(long)]
+    dropout: Option<f64>,
     /// No random horizontal flips of training batches.
     #[arg(long)]
     no_flip: bool,
@@ -173,6 +176,7 @@ impl HyperArgs {
             optimizer: self.optimizer,
             lr: self.lr,
             label_smoothing: self.label_smoothing,
+            dropout: self.dropout,
             schedule: self.lr_schedule,
             flip: self.no_flip.then_some(false),
         };
@@ -281,11 +285,12 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     // A coordinated trainer takes the run's settings; given ones must agree with them.
-    let (epochs, num_classes, img_size, start_epoch) = match &coordinated {
+    let (epochs, evaluations_per_epoch, num_classes, img_size, start_epoch) = match &coordinated {
         Some(c) => {
             let run = c.run_config();
             (
                 agree("--epochs", args.epochs, run.epochs)?,
+                run.evaluations_per_epoch.max(1),
                 agree("--num-classes", args.num_classes, run.num_classes)?,
                 Some(agree("--img-size", args.img_size, run.img_size)?),
                 Some(c.start_epoch()),
@@ -294,6 +299,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         None => (
             args.epochs
                 .context("--epochs is required without --coordinator")?,
+            1,
             args.num_classes.unwrap_or(102),
             args.img_size,
             args.start_epoch,
@@ -303,6 +309,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         broker_url,
         run_id: args.run_id,
         epochs,
+        evaluations_per_epoch,
         start_epoch,
         prefetch: args.prefetch,
         weights,
@@ -318,6 +325,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         num_classes: i64::from(num_classes),
         variant: flowers_model::Variant::Tf2015,
         label_smoothing: hyper.label_smoothing,
+        dropout: hyper.dropout,
         flip: hyper.flip,
         optimizer: hyper.optimizer,
     };

@@ -39,9 +39,10 @@ impl Coordination for Recorder {
     async fn before_validation(
         &mut self,
         e: u32,
+        part: u32,
         w: &Worker<TrainState>,
     ) -> Result<(), TrainError> {
-        self.inner.before_validation(e, w).await
+        self.inner.before_validation(e, part, w).await
     }
     async fn should_validate(&mut self, e: u32) -> Result<bool, TrainError> {
         self.inner.should_validate(e).await
@@ -59,6 +60,7 @@ fn model() -> ModelOptions {
         num_classes: i64::from(CLASSES),
         variant: Variant::Torchvision,
         label_smoothing: 0.0,
+        dropout: 0.5,
         flip: true,
         optimizer: OptimizerKind::adamax(),
     }
@@ -78,6 +80,7 @@ fn options(run: &str, epochs: u32, dir: Option<&std::path::Path>) -> RunOptions 
         broker_url: broker_url(),
         run_id: run.to_string(),
         epochs,
+        evaluations_per_epoch: 1,
         start_epoch: None,
         prefetch: 3,
         weights: None,
@@ -93,7 +96,7 @@ fn options(run: &str, epochs: u32, dir: Option<&std::path::Path>) -> RunOptions 
 async fn trains_each_batch_once_acks_it_and_validates_each_epoch() {
     let run_id = unique_run("once");
     let dir = tempfile::tempdir().unwrap();
-    publish(&run_id, 2, &epochs(&run_id, 2, 3, 1)).await;
+    publish(&run_id, RunLayout::epochs(2), &epochs(&run_id, 2, 3, 1)).await;
 
     let mut rec = Recorder::default();
     let (_tx, stop) = tokio::sync::watch::channel(false);
@@ -136,14 +139,14 @@ async fn trains_each_batch_once_acks_it_and_validates_each_epoch() {
         (meta.epoch, meta.step, meta.img_size),
         (2, 6, i64::from(IMG))
     );
-    cleanup(&run_id, 2).await;
+    cleanup(&run_id, RunLayout::epochs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_message_is_dead_lettered_and_training_goes_on() {
     let run_id = unique_run("dlq");
     let batches = epochs(&run_id, 1, 2, 1);
-    publish(&run_id, 1, &batches[..1]).await;
+    publish(&run_id, RunLayout::epochs(1), &batches[..1]).await;
     // A message that is no Batch at all, between two good ones.
     let conn = connect(&broker_url(), "trainer test").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -159,7 +162,7 @@ async fn malformed_message_is_dead_lettered_and_training_goes_on() {
     .await
     .unwrap();
     let _ = conn.close(200, "OK".into()).await;
-    publish(&run_id, 1, &batches[1..]).await;
+    publish(&run_id, RunLayout::epochs(1), &batches[1..]).await;
 
     let mut rec = Recorder::default();
     let (_tx, stop) = tokio::sync::watch::channel(false);
@@ -184,5 +187,5 @@ async fn malformed_message_is_dead_lettered_and_training_goes_on() {
         "the broken message is in the dead-letter queue"
     );
     assert_eq!(ready(&run_id, "train", 0).await, 0);
-    cleanup(&run_id, 1).await;
+    cleanup(&run_id, RunLayout::epochs(1)).await;
 }

@@ -1,6 +1,7 @@
 //! Two trainers sharing a run under an in-process coordinator, against the local RabbitMQ: every
 //! batch trained once across both, parameters averaged in rounds that both join, each epoch
-//! validated by the coordinator, the run finished with a best checkpoint.
+//! validated by the coordinator halfway (an interim evaluation) and at its end, the run finished
+//! with a best checkpoint.
 
 mod common;
 
@@ -25,6 +26,12 @@ const TOKEN: &str = "t0ken";
 const EPOCHS: u32 = 2;
 const TRAIN_BATCHES: u32 = 6;
 const VAL_BATCHES: u32 = 2;
+/// Halfway through each epoch and at its end.
+const EVALUATIONS: u32 = 2;
+
+fn layout() -> RunLayout {
+    RunLayout::epochs(EPOCHS).with_evaluations(EVALUATIONS)
+}
 
 async fn start_coordinator(dir: &Path) -> ServerHandle {
     let config = CoordinatorConfig {
@@ -69,6 +76,7 @@ fn run_config() -> pb::RunConfig {
         num_classes: CLASSES,
         train_images: (TRAIN_BATCHES - 1) * 4 + 2,
         val_images: VAL_BATCHES * 4,
+        evaluations_per_epoch: EVALUATIONS,
     }
 }
 
@@ -77,6 +85,7 @@ async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOut
         broker_url: broker_url(),
         run_id: run_id.to_owned(),
         epochs: coordinated.run_config().epochs,
+        evaluations_per_epoch: coordinated.run_config().evaluations_per_epoch.max(1),
         start_epoch: Some(coordinated.start_epoch()),
         prefetch: 1,
         weights: None,
@@ -109,6 +118,7 @@ fn model_options() -> ModelOptions {
         num_classes: i64::from(CLASSES),
         variant: Variant::Torchvision,
         label_smoothing: 0.0,
+        dropout: 0.5,
         flip: false,
         optimizer: OptimizerKind::adamax(),
     }
@@ -140,12 +150,11 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
             .register_run(run_config(), Some(&run_id))
             .await
             .unwrap();
-        publish(
-            &run_id,
-            EPOCHS,
-            &epochs(&run_id, EPOCHS, TRAIN_BATCHES, VAL_BATCHES),
-        )
-        .await;
+        let mut batches = epochs(&run_id, EPOCHS, TRAIN_BATCHES, VAL_BATCHES);
+        for e in 0..EPOCHS {
+            batches.extend(interim(&run_id, e, VAL_BATCHES, 1));
+        }
+        publish(&run_id, layout(), &batches).await;
     });
     let (mut a, mut b) = (a.unwrap(), join("b").await.unwrap());
     assert_ne!(a.worker_id(), b.worker_id());
@@ -173,13 +182,22 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
             (0.0..=1.0).contains(&e.val_accuracy) && e.val_loss > 0.0,
             "{e:?}"
         );
+        let halfway = &e.interim[..];
+        assert_eq!(halfway.len(), 1, "{e:?}");
+        assert!(
+            halfway[0].validated
+                && halfway[0].val_batches_done == VAL_BATCHES
+                && halfway[0].after_train_batches == TRAIN_BATCHES / 2
+                && halfway[0].val_loss > 0.0,
+            "{e:?}"
+        );
     }
     // Both worked: their steps add up to the run's.
     let steps: Vec<u64> = status.workers.iter().map(|w| w.steps).collect();
     assert_eq!(steps.len(), 2);
     assert_eq!(steps.iter().sum::<u64>(), status.steps);
 
-    // The best checkpoint is an epoch-end average of both workers, usable on its own.
+    // The best checkpoint is an evaluation round's average of both workers, usable on its own.
     let best = status.best.expect("a best checkpoint");
     let (info, bytes) = client
         .get_checkpoint(&run_id, Some(&best.checkpoint_id))
@@ -191,7 +209,10 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     workers.sort_unstable();
     let mut expected = vec![a.worker_id(), b.worker_id()];
     expected.sort_unstable();
-    assert_eq!(workers, expected, "both workers joined the epoch-end round");
+    assert_eq!(
+        workers, expected,
+        "both workers joined the evaluation round"
+    );
     assert_eq!(file.metadata["variant"], "torchvision");
     assert_eq!(file.metadata["img_size"], IMG.to_string());
     assert_eq!(file.metadata["num_classes"], CLASSES.to_string());
@@ -199,9 +220,9 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
         file.tensors.keys().collect::<Vec<_>>(),
         ["fc.bias", "fc.weight"]
     );
-    // Rounds: periodic ones (sync_every 2) besides the two epoch-end ones.
+    // Rounds: periodic ones (sync_every 2) besides the four evaluation ones.
     assert!(
-        status.sync_round > u64::from(EPOCHS),
+        status.sync_round > u64::from(EPOCHS * EVALUATIONS),
         "{}",
         status.sync_round
     );
@@ -229,10 +250,11 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     for e in 0..EPOCHS {
         assert_eq!(ready(&run_id, "train", e).await, 0, "train.{e} drained");
         assert_eq!(ready(&run_id, "val", e).await, 0, "val.{e} drained");
+        assert_eq!(ready(&run_id, "val1", e).await, 0, "val.{e}.1 drained");
     }
     assert_eq!(ready(&run_id, "dead", 0).await, 0);
     drop((a, b, late));
-    cleanup(&run_id, EPOCHS).await;
+    cleanup(&run_id, layout()).await;
     server.shutdown().await.unwrap();
     eprintln!(
         "two coordinated trainers: {:.1} s",

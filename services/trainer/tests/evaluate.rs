@@ -56,6 +56,7 @@ fn evaluate_reports_the_test_split_and_ends_with_accuracy() {
         num_classes: 3,
         variant: Variant::Torchvision,
         label_smoothing: 0.0,
+        dropout: 0.5,
         flip: false,
         optimizer: OptimizerKind::adamax(),
     };

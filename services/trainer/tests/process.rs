@@ -137,7 +137,12 @@ async fn wait_ready(run: &str, which: &str, want: u32) -> u32 {
 async fn sigkill_mid_batch_leaves_the_unacked_batches_in_the_queue() {
     let run_id = unique_run("kill");
     const BATCHES: u32 = 16;
-    publish(&run_id, 1, &epochs(&run_id, 1, BATCHES, 1)).await;
+    publish(
+        &run_id,
+        RunLayout::epochs(1),
+        &epochs(&run_id, 1, BATCHES, 1),
+    )
+    .await;
     // A prefetch as large as the queue: the trainer holds every batch, unacked but the ones
     // it has trained.
     let mut t = Trainer::start(&run_id, BATCHES as u16, &[]);
@@ -160,7 +165,7 @@ async fn sigkill_mid_batch_leaves_the_unacked_batches_in_the_queue() {
         BATCHES - trained.len() as u32,
         "every batch not acked (the one in hand included) is back in the queue"
     );
-    cleanup(&run_id, 1).await;
+    cleanup(&run_id, RunLayout::epochs(1)).await;
 }
 
 fn progress(dir: &Path) -> serde_json::Value {
@@ -172,7 +177,12 @@ fn progress(dir: &Path) -> serde_json::Value {
 async fn sigterm_checkpoints_and_resume_trains_the_rest_once() {
     let run_id = unique_run("term");
     const BATCHES: u32 = 10;
-    publish(&run_id, 1, &epochs(&run_id, 1, BATCHES, 1)).await;
+    publish(
+        &run_id,
+        RunLayout::epochs(1),
+        &epochs(&run_id, 1, BATCHES, 1),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ckpt_dir = dir.path().to_str().unwrap();
 
@@ -246,5 +256,5 @@ async fn sigterm_checkpoints_and_resume_trains_the_rest_once() {
     assert_eq!(ready(&run_id, "val", 0).await, 0);
     let meta = flowers_model::read_checkpoint_meta(&resume).unwrap();
     assert_eq!((meta.epoch, meta.step), (1, u64::from(BATCHES)));
-    cleanup(&run_id, 1).await;
+    cleanup(&run_id, RunLayout::epochs(1)).await;
 }

@@ -4,9 +4,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use flowers_broker::RunLayout;
 use flowers_broker::{
-    connect, dead_queue, delete_run_queues, message_count, train_queue, val_queue, Publisher,
-    PublisherOptions, DEFAULT_BROKER_URL,
+    connect, dead_queue, delete_run_queues, eval_queue, message_count, train_queue, val_queue,
+    Publisher, PublisherOptions, DEFAULT_BROKER_URL,
 };
 use flowers_wire::{build_batch, Batch, BatchHeader, Split};
 
@@ -39,6 +40,7 @@ pub fn batch(run: &str, epoch: u32, split: Split, index: u32, count: u32, n: u32
         batch_index: index,
         batches_in_epoch: count,
         num_classes: CLASSES,
+        eval_part: 0,
     };
     let image = (IMG * IMG * 3) as usize;
     let pixels = (0..n as usize * image)
@@ -73,8 +75,19 @@ pub fn epochs(run: &str, epochs: u32, train: u32, val: u32) -> Vec<Batch> {
     out
 }
 
-pub async fn publish(run: &str, epochs: u32, batches: &[Batch]) {
-    let mut p = Publisher::connect(&broker_url(), run, epochs, PublisherOptions::default())
+/// The `val` validation batches of interim evaluation `part` of `epoch`.
+pub fn interim(run: &str, epoch: u32, val: u32, part: u32) -> Vec<Batch> {
+    (0..val)
+        .map(|i| {
+            let mut b = batch(run, epoch, Split::Validation, i, val, 4);
+            b.eval_part = part;
+            b
+        })
+        .collect()
+}
+
+pub async fn publish(run: &str, layout: RunLayout, batches: &[Batch]) {
+    let mut p = Publisher::connect(&broker_url(), run, layout, PublisherOptions::default())
         .await
         .unwrap();
     for b in batches {
@@ -83,11 +96,12 @@ pub async fn publish(run: &str, epochs: u32, batches: &[Batch]) {
     p.close().await.unwrap();
 }
 
-/// Ready messages of the run's queue `train`/`val`/`dead` of `epoch`.
+/// Ready messages of the run's queue `train`/`val`/`val1` (interim part 1)/`dead` of `epoch`.
 pub async fn ready(run: &str, which: &str, epoch: u32) -> u32 {
     let queue = match which {
         "train" => train_queue(run, epoch),
         "val" => val_queue(run, epoch),
+        "val1" => eval_queue(run, epoch, 1),
         _ => dead_queue(run),
     };
     let conn = connect(&broker_url(), "trainer test").await.unwrap();
@@ -99,8 +113,8 @@ pub async fn ready(run: &str, which: &str, epoch: u32) -> u32 {
     n
 }
 
-pub async fn cleanup(run: &str, epochs: u32) {
+pub async fn cleanup(run: &str, layout: RunLayout) {
     let conn = connect(&broker_url(), "trainer test").await.unwrap();
-    delete_run_queues(&conn, run, epochs).await.unwrap();
+    delete_run_queues(&conn, run, layout).await.unwrap();
     let _ = conn.close(200, "OK".into()).await;
 }
