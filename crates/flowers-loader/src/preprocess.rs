@@ -2,9 +2,9 @@
 //!
 //! A gzip stream cannot be read at random, and every epoch wants a fresh order, so the images are
 //! decoded, centre-cropped and resized once; each epoch then reads fixed-size records back with
-//! positional reads. One thread streams the archive; JPEG bytes reach a rayon pool of `threads`
-//! workers through a bounded channel, so memory stays bounded whatever the archive size (the
-//! pixels live in the store file, only an index is kept in memory).
+//! positional reads. One thread streams the archive; JPEG bytes reach a rayon pool of the other
+//! `threads - 1` workers through a bounded channel, so memory stays bounded whatever the archive
+//! size (the pixels live in the store file, only an index is kept in memory).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, TrySendError};
 use std::time::{Duration, Instant};
 
 use flowers_dataset::{ArchiveImage, ArchiveReader, DatasetError, Labels};
@@ -24,7 +24,8 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 pub struct PreprocessOptions {
     /// Side of the square output images.
     pub img_size: u32,
-    /// Decoding threads; 0 means one per available core. The archive is read by one more thread.
+    /// Threads in all, the one reading the archive included (it decodes too); 0 means one per
+    /// available core.
     pub threads: usize,
     /// Only the first `limit` images of the archive.
     pub limit: Option<usize>,
@@ -251,8 +252,66 @@ enum JobResult {
     Skipped(Skipped),
 }
 
-/// Streams `archive` on one thread and decodes its images on `opts.threads` workers, handing
-/// each image's pixels and slot to `sink`. Shared by [`preprocess_archive`] and the benchmark.
+/// One JPEG of the archive, on its way to a decoder.
+type Job = (u64, u32, ArchiveImage);
+
+/// A decoder with its output buffer: one per decoding thread.
+struct Decoder {
+    jpeg: JpegPreprocessor,
+    pixels: Vec<u8>,
+}
+
+impl Decoder {
+    fn new(img_size: u32) -> Result<Self, PreprocessError> {
+        Ok(Self {
+            jpeg: JpegPreprocessor::new().map_err(|e| PreprocessError::Startup(e.to_string()))?,
+            pixels: vec![0u8; image_bytes(img_size)],
+        })
+    }
+
+    /// Decodes one image into the sink; an undecodable JPEG is skipped, not an error.
+    fn run<F>(
+        &mut self,
+        (slot, label, image): Job,
+        img_size: u32,
+        sink: &F,
+    ) -> Result<JobResult, PreprocessError>
+    where
+        F: Fn(u64, &[u8]) -> Result<(), PreprocessError>,
+    {
+        match self
+            .jpeg
+            .preprocess_into(&image.bytes, img_size, &mut self.pixels)
+        {
+            Ok(()) => {
+                sink(slot, &self.pixels)?;
+                Ok(JobResult::Decoded(
+                    slot,
+                    ImageInfo {
+                        number: image.number,
+                        file_name: image.name,
+                        label,
+                    },
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(file = %image.name, error = %e, "skipping image");
+                Ok(JobResult::Skipped(Skipped {
+                    file_name: image.name,
+                    reason: e.to_string(),
+                }))
+            }
+        }
+    }
+}
+
+/// Streams `archive` and decodes its images on `opts.threads` threads in all, handing each
+/// image's pixels and slot to `sink`. Shared by [`preprocess_archive`] and the benchmark.
+///
+/// The thread that streams the archive counts among them: it hands JPEGs to the other
+/// `threads - 1` through a bounded queue and decodes one itself whenever the queue is full, so
+/// that `--threads N` keeps N cores busy (gunzip alone takes a fifth of one) and one thread
+/// reads and decodes in turn.
 pub(crate) fn run_pipeline<F>(
     archive: &Path,
     labels: &Labels,
@@ -269,81 +328,86 @@ where
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("decode-{i}"))
-        .build()
-        .map_err(|e| PreprocessError::Startup(e.to_string()))?;
-    let bytes_per_image = image_bytes(opts.img_size);
+    let workers = threads - 1;
+    let img_size = opts.img_size;
     // A few JPEGs (~100 kB each) per worker keep them busy without holding the archive in memory.
-    let (tx, rx) = sync_channel::<(u64, u32, ArchiveImage)>(threads * 4);
+    let (tx, rx) = sync_channel::<Job>(workers * 4);
+    // Without workers the reader decodes everything itself.
+    let tx = (workers > 0).then_some(tx);
+    let sink = &sink;
 
     std::thread::scope(|scope| {
         let reader = std::thread::Builder::new()
             .name("archive-reader".into())
-            .spawn_scoped(scope, move || -> Result<usize, PreprocessError> {
-                let mut reader = ArchiveReader::open(archive)?;
-                let mut slot = 0usize;
-                for image in reader.images()? {
-                    if opts.limit.is_some_and(|limit| slot >= limit) {
-                        break;
-                    }
-                    let image = image?;
-                    let label = labels.label_of(image.number).ok_or_else(|| {
-                        PreprocessError::MissingLabel {
-                            archive: archive.to_path_buf(),
-                            file_name: image.name.clone(),
-                            number: image.number,
-                            labelled: labels.len(),
+            .spawn_scoped(
+                scope,
+                move || -> Result<(usize, Vec<JobResult>), PreprocessError> {
+                    let mut decoder = Decoder::new(img_size)?;
+                    let mut own = Vec::new();
+                    let mut reader = ArchiveReader::open(archive)?;
+                    let mut slot = 0usize;
+                    for image in reader.images()? {
+                        if opts.limit.is_some_and(|limit| slot >= limit) {
+                            break;
                         }
-                    })?;
-                    if opts.classes.is_some_and(|classes| label >= classes) {
-                        continue;
-                    }
-                    if tx.send((slot as u64, label, image)).is_err() {
-                        // The workers stopped on an error of their own, reported by them.
-                        break;
-                    }
-                    slot += 1;
-                }
-                Ok(reader.ignored())
-            })
-            .map_err(|e| PreprocessError::Startup(e.to_string()))?;
-
-        let results: Result<Vec<JobResult>, PreprocessError> =
-            pool.install(|| {
-                rx.into_iter().par_bridge().map_init(
-                || (JpegPreprocessor::new(), vec![0u8; bytes_per_image]),
-                |(decoder, pixels), (slot, label, image)| {
-                    let decoder = decoder
-                        .as_mut()
-                        .map_err(|e| PreprocessError::Startup(e.to_string()))?;
-                    match decoder.preprocess_into(&image.bytes, opts.img_size, pixels) {
-                        Ok(()) => {
-                            sink(slot, pixels)?;
-                            Ok(JobResult::Decoded(
-                                slot,
-                                ImageInfo {
-                                    number: image.number,
-                                    file_name: image.name,
-                                    label,
-                                },
-                            ))
+                        let image = image?;
+                        let label = labels.label_of(image.number).ok_or_else(|| {
+                            PreprocessError::MissingLabel {
+                                archive: archive.to_path_buf(),
+                                file_name: image.name.clone(),
+                                number: image.number,
+                                labelled: labels.len(),
+                            }
+                        })?;
+                        if opts.classes.is_some_and(|classes| label >= classes) {
+                            continue;
                         }
-                        Err(e) => {
-                            tracing::warn!(file = %image.name, error = %e, "skipping image");
-                            Ok(JobResult::Skipped(Skipped {
-                                file_name: image.name,
-                                reason: e.to_string(),
-                            }))
+                        let job = (slot as u64, label, image);
+                        slot += 1;
+                        let sent = match &tx {
+                        Some(tx) => tx.try_send(job),
+                        None => Err(TrySendError::Full(job)),
+                    };
+                    match sent {
+                            Ok(()) => {}
+                            // The workers are busy (or there are none): decode this one here.
+                            Err(TrySendError::Full(job)) => {
+                                own.push(decoder.run(job, img_size, sink)?)
+                            }
+                            // The workers stopped on an error of their own, reported by them.
+                            Err(TrySendError::Disconnected(_)) => break,
                         }
                     }
+                    Ok((reader.ignored(), own))
                 },
             )
-            .collect()
-            });
+            .map_err(|e| PreprocessError::Startup(e.to_string()))?;
+
+        let results: Result<Vec<JobResult>, PreprocessError> = if workers == 0 {
+            Ok(Vec::new())
+        } else {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(workers)
+                .thread_name(|i| format!("decode-{i}"))
+                .build()
+                .map_err(|e| PreprocessError::Startup(e.to_string()))?;
+            pool.install(|| {
+                rx.into_iter()
+                    .par_bridge()
+                    .map_init(
+                        || Decoder::new(img_size),
+                        |decoder, job| {
+                            decoder
+                                .as_mut()
+                                .map_err(|e| PreprocessError::Startup(e.to_string()))?
+                                .run(job, img_size, sink)
+                        },
+                    )
+                    .collect()
+            })
+        };
         // The reader's error (truncated archive, missing label) explains an early end best.
-        let ignored = reader
+        let (ignored, own) = reader
             .join()
             .map_err(|_| PreprocessError::Startup("archive reader thread panicked".into()))??;
         let mut outcome = PipelineOutcome {
@@ -351,7 +415,7 @@ where
             skipped: Vec::new(),
             ignored,
         };
-        for result in results? {
+        for result in results?.into_iter().chain(own) {
             match result {
                 JobResult::Decoded(slot, info) => outcome.decoded.push((slot, info)),
                 JobResult::Skipped(skipped) => outcome.skipped.push(skipped),
