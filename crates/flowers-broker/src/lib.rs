@@ -50,7 +50,7 @@
 //! (unacked batches are redelivered).
 //!
 //! # Housekeeping
-//! [`message_count`] (ready messages in a queue) and [`delete_run_queues`].
+//! [`message_count`] (ready messages in a queue), [`purge_queue`] and [`delete_run_queues`].
 
 mod connection;
 mod consumer;
@@ -67,4 +67,6 @@ pub use names::{
     dead_queue, eval_queue, train_queue, val_queue, validate_run_id, RunLayout, DLX_EXCHANGE,
 };
 pub use publisher::{BatchKey, PublishStats, Published, Publisher, PublisherOptions};
-pub use topology::{batch_queue_arguments, declare_run_topology, delete_run_queues, message_count};
+pub use topology::{
+    batch_queue_arguments, declare_run_topology, delete_run_queues, message_count, purge_queue,
+};

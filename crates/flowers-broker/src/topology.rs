@@ -4,6 +4,7 @@ use crate::names::{dead_queue, run_queues, validate_run_id, RunLayout, DLX_EXCHA
 use crate::BrokerError;
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
@@ -96,6 +97,21 @@ pub async fn message_count(conn: &Connection, queue: &str) -> Result<Option<u32>
             other.map(Some)
         }
     }
+}
+
+/// Drops the ready messages of `queue` (unacked ones stay with their consumers); returns how
+/// many. For the duplicates a redelivery can leave behind once every batch of a queue was used.
+pub async fn purge_queue(conn: &Connection, queue: &str) -> Result<u32, BrokerError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| BrokerError::amqp("open channel for", queue, e))?;
+    let purged = channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .map_err(|e| BrokerError::amqp("purge queue", queue, e));
+    let _ = channel.close(200, "OK".into()).await;
+    purged
 }
 
 /// Ready messages in an existing `queue` (passive declare on `channel`).

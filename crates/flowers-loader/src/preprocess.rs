@@ -365,10 +365,10 @@ where
                         let job = (slot as u64, label, image);
                         slot += 1;
                         let sent = match &tx {
-                        Some(tx) => tx.try_send(job),
-                        None => Err(TrySendError::Full(job)),
-                    };
-                    match sent {
+                            Some(tx) => tx.try_send(job),
+                            None => Err(TrySendError::Full(job)),
+                        };
+                        match sent {
                             Ok(()) => {}
                             // The workers are busy (or there are none): decode this one here.
                             Err(TrySendError::Full(job)) => {

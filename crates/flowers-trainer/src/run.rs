@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flowers_broker::{
-    connect_with_backoff, declare_run_topology, eval_queue, message_count, train_queue, val_queue,
-    validate_run_id, Backoff, Connection, Consumer, Delivery, RunLayout,
+    connect_with_backoff, declare_run_topology, eval_queue, message_count, purge_queue,
+    train_queue, val_queue, validate_run_id, Backoff, Connection, Consumer, Delivery, RunLayout,
 };
 use flowers_model::Policy;
 use flowers_wire::{describe, Batch, Dims, Split};
@@ -770,6 +770,15 @@ impl<C: Coordination> Runner<'_, C> {
         }
         // Closing hands back whatever was prefetched and not used.
         consumer.close().await?;
+        if let StageEnd::Complete = end {
+            // Every batch of the queue was used (by this trainer or, as the coordination says,
+            // by others): what is left are redeliveries of used batches, e.g. of a trainer that
+            // died between reporting a step and acking it. Nobody would consume them again.
+            let purged = purge_queue(&self.conn, &queue).await?;
+            if purged > 0 {
+                warn!(%queue, purged, "dropped redelivered duplicates of used batches");
+            }
+        }
         Ok(end)
     }
 

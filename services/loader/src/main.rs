@@ -45,7 +45,7 @@ struct Input {
     /// Output image side.
     #[arg(long, env = "FLOWERS_IMG_SIZE", default_value_t = 299)]
     img_size: u32,
-    /// Decoding threads (0 = one per core).
+    /// Threads reading and decoding the archive, the reader included (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Only the first N images of the archive.

@@ -96,6 +96,25 @@ pub async fn publish(run: &str, layout: RunLayout, batches: &[Batch]) {
     p.close().await.unwrap();
 }
 
+/// Sends `payload` straight to `queue` as a persistent message, bypassing the publisher's
+/// checks and deduplication (for malformed messages and redelivered copies).
+pub async fn publish_raw(queue: &str, payload: &[u8]) {
+    let conn = connect(&broker_url(), "trainer test").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        lapin::options::BasicPublishOptions::default(),
+        payload,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+}
+
 /// Ready messages of the run's queue `train`/`val`/`val1` (interim part 1)/`dead` of `epoch`.
 pub async fn ready(run: &str, which: &str, epoch: u32) -> u32 {
     let queue = match which {
