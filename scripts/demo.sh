@@ -53,6 +53,9 @@ cleanup() {
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # The run is over (or abandoned): its queues go, with whatever they still hold.
+  "$bin/loader" delete-queues --run-id "$run_id" --epochs "$epochs" --eval-every "$eval_every" \
+    >>"$out/loader.log" 2>&1 || echo "demo: could not delete the run's queues; see $out/loader.log" >&2
   echo "demo: stopped ${#pids[@]} processes; logs in $out/" >&2
   exit "$status"
 }

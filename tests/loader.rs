@@ -3,8 +3,8 @@
 //! batch is consumed back; bad inputs make the CLI fail naming the file.
 
 use flowers_broker::{
-    connect, delete_run_queues, eval_queue, train_queue, val_queue, Consumer, PublisherOptions,
-    RunLayout,
+    connect, dead_queue, delete_run_queues, eval_queue, message_count, train_queue, val_queue,
+    Consumer, Publisher, PublisherOptions, RunLayout,
 };
 use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::SplitStrategy;
@@ -142,6 +142,42 @@ async fn two_epochs_arrive_byte_exact_shuffled_and_complete() {
     delete_run_queues(&conn, &run_id, RunLayout::epochs(2).with_evaluations(2))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_queues_removes_every_queue_of_a_run() {
+    let run_id = unique_run_id("delete");
+    let layout = RunLayout::epochs(2).with_evaluations(2);
+    // Connecting declares the run's queues.
+    Publisher::connect(&broker_url(), &run_id, layout, PublisherOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let conn = connect(&broker_url(), "test").await.unwrap();
+    let queues = [
+        train_queue(&run_id, 1),
+        eval_queue(&run_id, 1, 1),
+        val_queue(&run_id, 1),
+        dead_queue(&run_id),
+    ];
+    for q in &queues {
+        assert_eq!(message_count(&conn, q).await.unwrap(), Some(0), "{q}");
+    }
+    let out = Command::new(loader_binary())
+        .args(["delete-queues", "--run-id", &run_id, "--epochs", "2"])
+        .args(["--eval-every", "0.5", "--broker-url", &broker_url()])
+        .output()
+        .expect("start the loader binary");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for q in &queues {
+        assert_eq!(message_count(&conn, q).await.unwrap(), None, "{q} deleted");
+    }
 }
 
 /// Runs `loader run` on `data` with `labels`; returns (success, stderr).

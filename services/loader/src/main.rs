@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flowers_broker::{PublisherOptions, DEFAULT_BROKER_URL};
+use flowers_broker::{connect, delete_run_queues, PublisherOptions, RunLayout, DEFAULT_BROKER_URL};
 use flowers_coordinator::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
@@ -32,6 +32,9 @@ enum Command {
     Run(RunArgs),
     /// Time decoding (and, with --publish, confirmed publishing).
     Bench(BenchArgs),
+    /// Delete a finished run's queues (every epoch's training and validation queues and its
+    /// dead-letter queue), with whatever they still hold.
+    DeleteQueues(DeleteArgs),
 }
 
 #[derive(Args)]
@@ -82,11 +85,7 @@ impl Input {
     }
 
     fn broker_url(&self) -> String {
-        self.broker_url
-            .clone()
-            .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
-            .or_else(|| std::env::var("AMQP_URL").ok())
-            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string())
+        broker_url(self.broker_url.clone())
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -152,13 +151,49 @@ struct BenchArgs {
     publish: bool,
 }
 
+#[derive(Args)]
+struct DeleteArgs {
+    #[arg(long, env = "FLOWERS_RUN_ID")]
+    run_id: String,
+    /// The run's epochs, as published.
+    #[arg(long, env = "FLOWERS_EPOCHS")]
+    epochs: u32,
+    /// The run's --eval-every, as published (its interim validation queues go too).
+    #[arg(long, env = "FLOWERS_EVAL_EVERY")]
+    eval_every: Option<f64>,
+    /// RabbitMQ URL [env: FLOWERS_BROKER_URL, then AMQP_URL].
+    #[arg(long)]
+    broker_url: Option<String>,
+}
+
+/// `explicit`, else `FLOWERS_BROKER_URL`, else `AMQP_URL`, else the local broker.
+fn broker_url(explicit: Option<String>) -> String {
+    explicit
+        .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
+        .or_else(|| std::env::var("AMQP_URL").ok())
+        .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Bench(args) => bench(args).await,
+        Command::DeleteQueues(args) => delete_queues(args).await,
     }
+}
+
+async fn delete_queues(args: DeleteArgs) -> anyhow::Result<()> {
+    let evaluations = args.eval_every.map_or(Ok(1), evaluations_per_epoch)?;
+    let layout = RunLayout::epochs(args.epochs).with_evaluations(evaluations);
+    let conn = connect(&broker_url(args.broker_url), "flowers-loader delete-queues").await?;
+    let dropped = delete_run_queues(&conn, &args.run_id, layout)
+        .await
+        .with_context(|| format!("deleting the queues of run {}", args.run_id))?;
+    let _ = conn.close(200, "OK".into()).await;
+    info!(run_id = %args.run_id, messages_dropped = dropped, "run queues deleted");
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
