@@ -1368,6 +1368,7 @@ impl Run {
         } else {
             Vec::new()
         };
+        let validating = self.validating();
         pb::RunStatus {
             run_id: self.id.clone(),
             config: Some(pb::RunConfig::from(spec)),
@@ -1386,8 +1387,8 @@ impl Run {
             history,
             sync_every: settings.sync_every,
             latest_checkpoint_id: self.latest.clone().unwrap_or_default(),
-            validating_epoch_plus_one: self.validating().map_or(0, |p| p.epoch + 1),
-            validating_part: self.validating().map_or(0, |p| p.part),
+            validating_epoch_plus_one: validating.map_or(0, |p| p.epoch + 1),
+            validating_part: validating.map_or(0, |p| p.part),
         }
     }
 }
