@@ -15,7 +15,9 @@ official train ids (setid.mat `trnid`) and validates on `valid` after every epoc
              over the remaining steps; label smoothing 0.1 throughout.
 
 --policy/--lr/--backbone-scale/--head-epochs/--head-lr/--schedule/--smoothing override the
-recipe's values (for choosing them); --cache DIR keeps the decoded images between runs.
+recipe's values (for choosing them); --cache DIR keeps the decoded images between runs. Like the
+trainer, it computes the frozen trunk of each (image, flip) once under `head` and `top`
+(--no-trunk-cache: every time).
 
 Both flip training images at random (p = 1/2); batch 32; images centre-cropped and resized like
 bench/reference_loader.py; input x / 127.5 - 1. Prints one line per epoch and, last,
@@ -126,12 +128,48 @@ def lr_at(lr, schedule, step, total):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
 
-def evaluate(model, x, y):
+TRUNK = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
+         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a"]
+
+
+class TrunkCache:
+    """The trainer's trunk cache (crates/flowers-trainer/src/trunk_cache.rs): while the trunk (stem to
+    Mixed_7a) is frozen (`head`, `top`), its output per (image, flip) is computed once; the logits
+    are the same as the whole forward's."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.entries = {}
+
+    def logits(self, model, policy, x_u8, keys, flip):
+        flips = (torch.rand(len(keys)) < 0.5).tolist() if flip else [False] * len(keys)
+        if not (self.enabled and policy in ("head", "top")):
+            self.entries.clear()
+            x = to_model_input(x_u8, flip=False)
+            mask = torch.tensor(flips).view(-1, 1, 1, 1)
+            return model(torch.where(mask, x.flip(3), x))
+        missing = [i for i, (k, f) in enumerate(zip(keys, flips)) if (k, f) not in self.entries]
+        if missing:
+            x = to_model_input(x_u8[missing], flip=False)
+            mask = torch.tensor([flips[i] for i in missing]).view(-1, 1, 1, 1)
+            with torch.no_grad():
+                h = torch.where(mask, x.flip(3), x)
+                for name in TRUNK:
+                    h = getattr(model, name)(h)
+            for j, i in enumerate(missing):
+                self.entries[(keys[i], flips[i])] = h[j].clone()
+        h = torch.stack([self.entries[(k, f)] for k, f in zip(keys, flips)])
+        h = model.avgpool(model.Mixed_7c(model.Mixed_7b(h)))
+        return model.fc(model.dropout(torch.flatten(h, 1)))
+
+
+def evaluate(model, policy, cache, x, y):
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), BATCH):
-            logits = model(to_model_input(x[i : i + BATCH], flip=False))
+            keys = [("val", j) for j in range(i, min(i + BATCH, len(y)))]
+            logits = cache.logits(model, policy, x[i : i + BATCH], keys, flip=False)
             correct += (logits.argmax(1) == y[i : i + BATCH]).sum().item()
     return correct / len(y)
 
@@ -148,6 +186,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", help="directory for the decoded images (reused when present)")
+    ap.add_argument("--no-trunk-cache", action="store_true", help="recompute the frozen trunk every time")
     ap.add_argument("--policy", choices=["reference", "head", "top", "all"])
     for flag, kind in [("lr", float), ("backbone-scale", float), ("head-epochs", int), ("head-lr", float), ("smoothing", float)]:
         ap.add_argument(f"--{flag}", type=kind)
@@ -173,6 +212,7 @@ def main():
     (xt, yt), (xv, yv) = data["train"], data["val"]
     print(f"train={len(yt)} val={len(yv)} img_size={args.img_size} preprocess_s={time.perf_counter() - t0:.1f} {h}", flush=True)
     model = build_model(args.weights)
+    cache = TrunkCache(not args.no_trunk_cache)
     steps_per_epoch = math.ceil(len(yt) / BATCH)
     start = time.perf_counter()
     acc = float("nan")
@@ -194,14 +234,15 @@ def main():
                 base = lr_at(lr, schedule, step, n_epochs * steps_per_epoch)
                 for g in opt.param_groups:
                     g["lr"] = base * g["scale"]
-                logits = model(to_model_input(xt[idx], flip=True))
+                keys = [("train", j) for j in idx.tolist()]
+                logits = cache.logits(model, policy, xt[idx], keys, flip=True)
                 loss = F.cross_entropy(logits, yt[idx], label_smoothing=smoothing)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 loss_sum += loss.item() * len(idx)
                 correct += (logits.argmax(1) == yt[idx]).sum().item()
-            acc = evaluate(model, xv, yv)
+            acc = evaluate(model, policy, cache, xv, yv)
             print(
                 f"epoch={epoch} policy={policy} train_loss={loss_sum / len(yt):.4f} "
                 f"train_acc={correct / len(yt):.3f} val_acc={acc:.4f} elapsed_s={time.perf_counter() - start:.0f}",

@@ -115,6 +115,13 @@ pub const REFERENCE_TRAINABLE_CONVS: [&str; 12] = [
     "Mixed_7c.branch_pool",
 ];
 
+/// Whether the VarStore variable `name` belongs to [`InceptionV3::trunk`] (the stem and
+/// `Mixed_5b` to `Mixed_7a`).
+pub fn is_trunk_variable(name: &str) -> bool {
+    const TRUNK_MODULES: [&str; 4] = ["Conv2d_", "Mixed_5", "Mixed_6", "Mixed_7a."];
+    TRUNK_MODULES.iter().any(|m| name.starts_with(m))
+}
+
 /// Model hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -713,7 +720,9 @@ impl InceptionV3 {
         &self.config
     }
 
-    fn pooled(&self, x: &Tensor, t: bool) -> Tensor {
+    /// The trunk: everything up to and including `Mixed_7a` (`[N, 1280, 8, 8]` at 299 px), i.e.
+    /// all layers below the ones the `top` policy trains.
+    pub fn trunk(&self, x: &Tensor, t: bool) -> Tensor {
         let x = self.stem[0].forward(x, t);
         let x = self.stem[1].forward(&x, t);
         let x = max_pool_3x3_s2(&self.stem[2].forward(&x, t));
@@ -726,24 +735,38 @@ impl InceptionV3 {
         for m in &self.mixed_6 {
             x = m.forward(&x, t);
         }
-        x = self.mixed_7a.forward(&x, t);
-        for m in &self.mixed_7 {
-            x = m.forward(&x, t);
-        }
+        self.mixed_7a.forward(&x, t)
+    }
+
+    /// Whether the trunk is fixed under this policy: no trainable parameter and no BatchNorm in
+    /// training mode, so [`InceptionV3::trunk`] of an image only changes when its variables are
+    /// overwritten ([`is_trunk_variable`]), and can be cached.
+    pub fn trunk_is_frozen(&self) -> bool {
+        matches!(self.config.policy, Policy::Head | Policy::Top)
+    }
+
+    fn pooled_from_trunk(&self, h: &Tensor, t: bool) -> Tensor {
+        let mut x = self.mixed_7[0].forward(h, t);
+        x = self.mixed_7[1].forward(&x, t);
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+
+    /// Logits from a trunk output: `forward_t(x, train)` is `forward_from_trunk(trunk(x, train), train)`.
+    pub fn forward_from_trunk(&self, h: &Tensor, train: bool) -> Tensor {
+        self.pooled_from_trunk(h, train)
+            .dropout(self.config.dropout, train)
+            .linear(&self.fc_weight, Some(&self.fc_bias))
     }
 
     /// Logits `[N, num_classes]`. `train` enables dropout and batch statistics in the BatchNorms
     /// the policy trains; frozen BatchNorms always use their running stats (Keras semantics).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.pooled(x, train)
-            .dropout(self.config.dropout, train)
-            .linear(&self.fc_weight, Some(&self.fc_bias))
+        self.forward_from_trunk(&self.trunk(x, train), train)
     }
 
     /// The 2048-d average-pooled features (before dropout and `fc`), in eval mode.
     pub fn features(&self, x: &Tensor) -> Tensor {
-        self.pooled(x, false)
+        self.pooled_from_trunk(&self.trunk(x, false), false)
     }
 
     /// Trainable parameters by full VarStore name, in model order.

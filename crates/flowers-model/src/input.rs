@@ -27,13 +27,25 @@ pub fn to_model_input(batch: &Tensor, device: Device, flip: bool) -> Result<Tens
         / 127.5
         - 1.0;
     let x = if flip {
-        let n = size[0];
-        let mask = Tensor::rand([n, 1, 1, 1], (Kind::Float, device)).lt(0.5);
-        x.flip([3]).where_self(&mask, &x)
+        let mask = Tensor::rand([size[0], 1, 1, 1], (Kind::Float, device)).lt(0.5);
+        mirror_where(&x, &mask)
     } else {
         x
     };
     Ok(if device.is_cuda() { x } else { x.contiguous() })
+}
+
+/// Mirrors the samples `i` of an NCHW batch where `flips[i]` (the same flip as
+/// [`to_model_input`]'s, with the choice made by the caller).
+pub fn flip_rows(x: &Tensor, flips: &[bool]) -> Tensor {
+    let mask = Tensor::from_slice(flips)
+        .to_device(x.device())
+        .view([flips.len() as i64, 1, 1, 1]);
+    mirror_where(x, &mask)
+}
+
+fn mirror_where(x: &Tensor, mask: &Tensor) -> Tensor {
+    x.flip([3]).where_self(mask, x)
 }
 
 #[cfg(test)]
@@ -70,6 +82,17 @@ mod tests {
             }
         }
         assert!((12..=52).contains(&flipped), "{flipped} of 64 flipped");
+    }
+
+    #[test]
+    fn flip_rows_mirrors_exactly_the_chosen_samples() {
+        let px =
+            Tensor::randint(256, [3, 4, 5, 3], (Kind::Int64, Device::Cpu)).to_kind(Kind::Uint8);
+        let plain = to_model_input(&px, Device::Cpu, false).unwrap();
+        let x = flip_rows(&plain, &[true, false, true]);
+        assert!(x.get(0).equal(&plain.get(0).flip([2])));
+        assert!(x.get(1).equal(&plain.get(1)));
+        assert!(x.get(2).equal(&plain.get(2).flip([2])));
     }
 
     #[test]

@@ -75,8 +75,10 @@ mod weights;
 
 pub use checkpoint::{load_checkpoint, read_checkpoint_meta, save_checkpoint, CheckpointMeta};
 pub use error::ModelError;
-pub use inception::{InceptionV3, ModelConfig, Policy, Variant, REFERENCE_TRAINABLE_CONVS};
-pub use input::to_model_input;
+pub use inception::{
+    is_trunk_variable, InceptionV3, ModelConfig, Policy, Variant, REFERENCE_TRAINABLE_CONVS,
+};
+pub use input::{flip_rows, to_model_input};
 pub use optim::{Optimizer, OptimizerKind, ParamGroup};
 pub use schedule::LrSchedule;
 pub use weights::{build_model, load_pretrained, read_variant, PretrainedInfo};

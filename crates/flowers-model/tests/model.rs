@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 
 use flowers_model::{
-    load_checkpoint, read_checkpoint_meta, save_checkpoint, to_model_input, CheckpointMeta,
-    InceptionV3, ModelConfig, Optimizer, OptimizerKind, Policy, Variant,
+    is_trunk_variable, load_checkpoint, read_checkpoint_meta, save_checkpoint, to_model_input,
+    CheckpointMeta, InceptionV3, ModelConfig, Optimizer, OptimizerKind, Policy, Variant,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -126,6 +126,38 @@ fn frozen_batchnorms_stay_in_eval_mode() {
     let eval = tch::no_grad(|| all.forward_t(&x, false));
     assert!(!mean.equal(&mean0), "{name} should have been updated");
     assert!((&train - &eval).abs().max().double_value(&[]) > 0.0);
+}
+
+#[test]
+fn the_trunk_is_frozen_exactly_where_the_policy_says_and_splits_the_forward() {
+    tch::set_num_threads(2);
+    let x = input(2, 4);
+    for (policy, frozen) in [
+        (Policy::Head, true),
+        (Policy::Top, true),
+        (Policy::Reference, false),
+        (Policy::All, false),
+    ] {
+        let (vs, m) = model(policy);
+        assert_eq!(m.trunk_is_frozen(), frozen, "{policy}");
+        let trunk_vars: Vec<String> = vs
+            .variables()
+            .into_keys()
+            .filter(|n| is_trunk_variable(n))
+            .collect();
+        // The stem (5), Mixed_5b-d (3 x 7), Mixed_6a (4), Mixed_6b-e (4 x 10), Mixed_7a (6)
+        // convolutions, 5 variables each.
+        assert_eq!(trunk_vars.len(), (5 + 21 + 4 + 40 + 6) * 5);
+        let trains_trunk = m.sync_tensor_names().iter().any(|n| is_trunk_variable(n));
+        assert_eq!(trains_trunk, !frozen, "{policy}");
+        // Logits through the split equal the whole forward, bit for bit.
+        let whole = tch::no_grad(|| m.forward_t(&x, false));
+        let split = tch::no_grad(|| m.forward_from_trunk(&m.trunk(&x, false), false));
+        assert!(whole.equal(&split), "{policy}");
+    }
+    assert!(is_trunk_variable("Mixed_7a.branch3x3_2.conv.weight"));
+    assert!(!is_trunk_variable("Mixed_7b.branch1x1.conv.weight"));
+    assert!(!is_trunk_variable("fc.weight"));
 }
 
 fn batch(seed: i64) -> (Tensor, Tensor) {

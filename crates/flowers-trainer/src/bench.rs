@@ -63,6 +63,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, TrainError> {
         dropout: 0.5,
         flip: true,
         optimizer: opts.optimizer,
+        trunk_cache_bytes: 0,
     };
     let mut state = TrainState::new(model_opts, opts.policy, 1.0, None)?;
     let size = i64::from(opts.img_size);
@@ -78,6 +79,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchReport, TrainError> {
         pixels: &pixels,
         shape: [n, size, size, 3],
         labels: &labels,
+        names: None,
     };
     for _ in 0..opts.warmup {
         state.train_step(view, opts.lr)?;

@@ -132,8 +132,9 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         dropout: 0.5,
         flip: false,
         optimizer,
+        trunk_cache_bytes: 0,
     };
-    let state = TrainState::resume(model_opts, 1.0, &opts.checkpoint)?;
+    let mut state = TrainState::resume(model_opts, 1.0, &opts.checkpoint)?;
 
     let started = Instant::now();
     let mut tally = EvalTally::new(meta.num_classes as usize);
@@ -150,6 +151,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
             pixels: &pixels,
             shape: [chunk.len() as i64, size, size, 3],
             labels: &batch_labels,
+            names: None,
         };
         state.evaluate(view, &mut tally)?;
     }

@@ -11,6 +11,7 @@ pub mod recipe;
 pub mod run;
 pub mod shutdown;
 pub mod state;
+pub mod trunk_cache;
 pub mod worker;
 
 pub use error::TrainError;

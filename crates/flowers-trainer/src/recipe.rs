@@ -83,6 +83,8 @@ pub struct Overrides {
     pub dropout: Option<f64>,
     pub schedule: Option<ScheduleKind>,
     pub flip: Option<bool>,
+    pub head_epochs: Option<u32>,
+    pub backbone_lr_scale: Option<f64>,
 }
 
 /// Base lr of the fast recipe's main phase (bench/train_recipe.py mirrors the recipe's values).
@@ -148,8 +150,16 @@ impl Hyper {
             dropout: o.dropout.unwrap_or(base.dropout),
             schedule: o.schedule.unwrap_or(base.schedule),
             flip: o.flip.unwrap_or(base.flip),
+            head_epochs: o.head_epochs.unwrap_or(base.head_epochs),
+            backbone_lr_scale: o.backbone_lr_scale.unwrap_or(base.backbone_lr_scale),
             ..base
         };
+        if !(h.backbone_lr_scale >= 0.0 && h.backbone_lr_scale.is_finite()) {
+            return Err(TrainError::Usage(format!(
+                "--backbone-lr-scale must be a number >= 0, got {}",
+                h.backbone_lr_scale
+            )));
+        }
         if !(h.lr > 0.0 && h.lr.is_finite()) {
             return Err(TrainError::Usage(format!(
                 "--lr must be a positive number, got {}",
@@ -317,6 +327,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("dropout"));
+        let bad = Overrides {
+            backbone_lr_scale: Some(-0.1),
+            ..Default::default()
+        };
+        assert!(Hyper::new(Recipe::Fast, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("backbone-lr-scale"));
         assert!("slow".parse::<Recipe>().is_err());
+        let o = Overrides {
+            head_epochs: Some(3),
+            backbone_lr_scale: Some(0.1),
+            ..Default::default()
+        };
+        let h = Hyper::new(Recipe::Fast, &o).unwrap();
+        assert_eq!(h.phase(2, 8).policy, Policy::Head);
+        let main = h.phase(3, 8);
+        assert_eq!((main.first_epoch, main.backbone_lr_scale), (3, 0.1));
     }
 }

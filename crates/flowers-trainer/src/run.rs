@@ -867,6 +867,7 @@ impl<C: Coordination> Runner<'_, C> {
 struct OwnedBatch {
     pixels: Vec<u8>,
     labels: Vec<u32>,
+    names: Vec<String>,
     shape: [i64; 4],
 }
 
@@ -877,6 +878,7 @@ impl OwnedBatch {
             shape: [s[0], s[1], s[2], s[3]].map(i64::from),
             pixels: std::mem::take(&mut batch.pixels),
             labels: batch.labels.clone(),
+            names: batch.file_names.clone(),
         }
     }
 
@@ -885,6 +887,7 @@ impl OwnedBatch {
             pixels: &self.pixels,
             shape: self.shape,
             labels: &self.labels,
+            names: Some(&self.names),
         }
     }
 }

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use flowers_model::{
-    build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint, tensor_file,
-    to_model_input, CheckpointMeta, InceptionV3, ModelConfig, Optimizer, OptimizerKind, Policy,
-    Variant,
+    build_model, flip_rows, is_trunk_variable, load_checkpoint, read_checkpoint_meta,
+    save_checkpoint, tensor_file, to_model_input, CheckpointMeta, InceptionV3, ModelConfig,
+    Optimizer, OptimizerKind, Policy, Variant,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::device::{upload_nhwc, with_precision, Precision};
 use crate::metrics::EvalTally;
+use crate::trunk_cache::TrunkCache;
 use crate::TrainError;
 
 /// How the model is built and run; fixed for the life of a trainer.
@@ -32,6 +33,8 @@ pub struct ModelOptions {
     /// Random horizontal flips of training batches.
     pub flip: bool,
     pub optimizer: OptimizerKind,
+    /// Bytes of trunk activations kept while the trunk is frozen (0: none); see [`TrunkCache`].
+    pub trunk_cache_bytes: usize,
 }
 
 impl ModelOptions {
@@ -50,6 +53,8 @@ pub struct BatchView<'a> {
     /// `[N, H, W, 3]`.
     pub shape: [i64; 4],
     pub labels: &'a [u32],
+    /// The images' file names: with them, trunk activations are cached (see [`TrunkCache`]).
+    pub names: Option<&'a [String]>,
 }
 
 /// What one optimizer step measured.
@@ -71,6 +76,7 @@ pub struct TrainState {
     /// Optimizer steps taken (carried over from a resumed checkpoint).
     pub step: u64,
     resumed_from: Option<CheckpointMeta>,
+    trunk_cache: TrunkCache,
 }
 
 impl TrainState {
@@ -87,6 +93,7 @@ impl TrainState {
         let (model, _) = build_model(&vs, config, weights)?;
         let optimizer = Optimizer::new(opts.optimizer, model.param_groups(backbone_lr_scale));
         Ok(Self {
+            trunk_cache: TrunkCache::new(opts.trunk_cache_bytes),
             opts,
             vs,
             model,
@@ -133,6 +140,7 @@ impl TrainState {
         let meta = load_checkpoint(checkpoint, &vs, same_optimizer.then_some(&mut optimizer))?;
         info!(checkpoint = %checkpoint.display(), step = meta.step, epoch = meta.epoch, policy = %meta.policy, "resumed");
         Ok(Self {
+            trunk_cache: TrunkCache::new(opts.trunk_cache_bytes),
             opts,
             vs,
             model,
@@ -171,7 +179,8 @@ impl TrainState {
         if policy == self.policy() && backbone_lr_scale == self.backbone_lr_scale {
             return Ok(());
         }
-        if policy != self.policy() {
+        let from = self.policy();
+        if policy != from {
             let mut vs = VarStore::new(self.opts.device);
             let config = ModelConfig {
                 policy,
@@ -182,7 +191,7 @@ impl TrainState {
             self.vs = vs;
             self.model = model;
         }
-        info!(from = %self.policy(), to = %policy, backbone_lr_scale, "new training phase: fresh optimizer");
+        info!(%from, to = %policy, backbone_lr_scale, "new training phase: fresh optimizer");
         self.optimizer = Optimizer::new(
             self.opts.optimizer,
             self.model.param_groups(backbone_lr_scale),
@@ -191,32 +200,94 @@ impl TrainState {
         Ok(())
     }
 
-    fn inputs(&self, batch: BatchView<'_>, flip: bool) -> Result<(Tensor, Tensor), TrainError> {
-        let device = self.opts.device;
-        let pixels = upload_nhwc(batch.pixels, batch.shape, device);
+    fn labels(&self, batch: BatchView<'_>) -> Tensor {
         let labels: Vec<i64> = batch.labels.iter().map(|&l| i64::from(l)).collect();
-        let labels = Tensor::from_slice(&labels).to_device(device);
-        Ok((to_model_input(&pixels, device, flip)?, labels))
+        Tensor::from_slice(&labels).to_device(self.opts.device)
+    }
+
+    /// Logits of the batch (training mode and flips when `train`), under the run's precision.
+    /// While the trunk is frozen and the batch names its images, trunk activations come from
+    /// the cache, and those missing are computed (without gradients) and added to it.
+    fn logits(&mut self, batch: BatchView<'_>, train: bool) -> Result<Tensor, TrainError> {
+        let (device, precision) = (self.opts.device, self.opts.precision);
+        let flip = train && self.opts.flip;
+        let pixels = upload_nhwc(batch.pixels, batch.shape, device);
+        if !self.model.trunk_is_frozen() {
+            // Training changes the trunk: whatever was cached is stale from here on.
+            self.trunk_cache.clear();
+        }
+        if let Some(names) = batch.names.filter(|n| n.len() != batch.labels.len()) {
+            return Err(TrainError::Data(format!(
+                "batch names {} images for {} labels",
+                names.len(),
+                batch.labels.len()
+            )));
+        }
+        let names = match batch.names {
+            Some(names) if self.model.trunk_is_frozen() && self.trunk_cache.is_enabled() => names,
+            _ => {
+                let x = to_model_input(&pixels, device, flip)?;
+                return Ok(with_precision(precision, device, || {
+                    self.model.forward_t(&x, train)
+                }));
+            }
+        };
+        let flips: Vec<bool> = if flip {
+            Vec::<bool>::try_from(
+                Tensor::rand([names.len() as i64], (Kind::Float, Device::Cpu)).lt(0.5),
+            )?
+        } else {
+            vec![false; names.len()]
+        };
+        let mut rows: Vec<Option<Tensor>> = names
+            .iter()
+            .zip(&flips)
+            .map(|(name, &f)| self.trunk_cache.get(name, f))
+            .collect();
+        let missing: Vec<i64> = (0..rows.len() as i64)
+            .filter(|&i| rows[i as usize].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let index = Tensor::from_slice(&missing).to_device(device);
+            let x = to_model_input(&pixels.f_index_select(0, &index)?, device, false)?;
+            let x = flip_rows(
+                &x,
+                &missing
+                    .iter()
+                    .map(|&i| flips[i as usize])
+                    .collect::<Vec<_>>(),
+            );
+            let trunk =
+                tch::no_grad(|| with_precision(precision, device, || self.model.trunk(&x, false)));
+            for (j, &i) in missing.iter().enumerate() {
+                let i = i as usize;
+                // A copy owns its storage, so a cached image does not pin the whole batch.
+                let activation = trunk.get(j as i64).copy();
+                self.trunk_cache
+                    .insert(&names[i], flips[i], activation.shallow_clone());
+                rows[i] = Some(activation);
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
+        let trunk = Tensor::f_stack(&rows, 0)?;
+        Ok(with_precision(precision, device, || {
+            self.model.forward_from_trunk(&trunk, train)
+        }))
     }
 
     /// One optimizer step at base learning rate `lr` on the batch (training mode, flips when
     /// enabled).
     pub fn train_step(&mut self, batch: BatchView<'_>, lr: f64) -> Result<StepOutcome, TrainError> {
         let started = Instant::now();
-        let (x, y) = self.inputs(batch, self.opts.flip)?;
-        let (device, precision) = (self.opts.device, self.opts.precision);
-        let smoothing = self.opts.label_smoothing;
-        let (loss, logits) = with_precision(precision, device, || {
-            let logits = self.model.forward_t(&x, true);
-            let loss = logits.to_kind(Kind::Float).f_cross_entropy_loss::<Tensor>(
-                &y,
-                None,
-                Reduction::Mean,
-                -100,
-                smoothing,
-            );
-            loss.map(|l| (l, logits))
-        })?;
+        let y = self.labels(batch);
+        let logits = self.logits(batch, true)?;
+        let loss = logits.to_kind(Kind::Float).f_cross_entropy_loss::<Tensor>(
+            &y,
+            None,
+            Reduction::Mean,
+            -100,
+            self.opts.label_smoothing,
+        )?;
         self.optimizer.zero_grad();
         loss.f_backward()?;
         self.optimizer.step(lr);
@@ -244,16 +315,14 @@ impl TrainState {
     }
 
     /// Adds the batch's predictions to `tally` (eval mode, no flips, no gradients).
-    pub fn evaluate(&self, batch: BatchView<'_>, tally: &mut EvalTally) -> Result<(), TrainError> {
-        let (x, y) = self.inputs(batch, false)?;
-        let (logits, losses) = tch::no_grad(|| {
-            with_precision(self.opts.precision, self.opts.device, || {
-                let logits = self.model.forward_t(&x, false).to_kind(Kind::Float);
-                let losses =
-                    logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0);
-                losses.map(|l| (logits, l))
-            })
-        })?;
+    pub fn evaluate(
+        &mut self,
+        batch: BatchView<'_>,
+        tally: &mut EvalTally,
+    ) -> Result<(), TrainError> {
+        let y = self.labels(batch);
+        let logits = tch::no_grad(|| self.logits(batch, false))?.to_kind(Kind::Float);
+        let losses = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0)?;
         let k = 5.min(self.opts.num_classes);
         let (_, top) = logits.f_topk(k, -1, true, true)?;
         let top: Vec<i64> = Vec::try_from(top.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
@@ -327,6 +396,9 @@ impl TrainState {
             }
             tch::no_grad(|| var.shallow_clone().f_copy_(t))?;
         }
+        if tensors.keys().any(|n| is_trunk_variable(n)) {
+            self.trunk_cache.clear();
+        }
         Ok(())
     }
 
@@ -362,6 +434,7 @@ mod tests {
             dropout: 0.0,
             flip: false,
             optimizer: OptimizerKind::adam(),
+            trunk_cache_bytes: 0,
         }
     }
 
@@ -414,6 +487,7 @@ mod tests {
             pixels: &pixels,
             shape: [4, 75, 75, 3],
             labels: &labels,
+            names: None,
         };
         // BatchNorms on 4 images make single steps noisy: compare the mean losses of the first
         // and last few of 20 steps.
@@ -432,12 +506,13 @@ mod tests {
     #[test]
     fn evaluation_tallies_every_image() {
         tch::manual_seed(0);
-        let st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
+        let mut st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
         let (pixels, labels) = batch();
         let view = BatchView {
             pixels: &pixels,
             shape: [4, 75, 75, 3],
             labels: &labels,
+            names: None,
         };
         let mut tally = EvalTally::new(4);
         st.evaluate(view, &mut tally).unwrap();
@@ -491,6 +566,7 @@ mod tests {
             pixels: &pixels,
             shape: [4, 75, 75, 3],
             labels: &labels,
+            names: None,
         };
         st.train_step(view, 1e-3).unwrap();
         st.save(&path, 1, 75).unwrap();
@@ -503,5 +579,71 @@ mod tests {
         let a = st.var_store().variables()["fc.weight"].shallow_clone();
         let b = back.var_store().variables()["fc.weight"].shallow_clone();
         assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn cached_trunks_give_the_same_steps_and_go_stale_with_the_trunk() {
+        let cached_opts = ModelOptions {
+            trunk_cache_bytes: 64 << 20,
+            ..opts()
+        };
+        let mut cached = TrainState::new(cached_opts, Policy::Top, 1.0, None).unwrap();
+        let mut plain = TrainState::new(opts(), Policy::Top, 1.0, None).unwrap();
+        // Tests share libtorch's generator: copy the weights rather than seed twice.
+        plain.vs.copy(&cached.vs).unwrap();
+        let (pixels, labels) = batch();
+        let names: Vec<String> = (0..4).map(|i| format!("image_{i:05}.jpg")).collect();
+        let view = BatchView {
+            pixels: &pixels,
+            shape: [4, 75, 75, 3],
+            labels: &labels,
+            names: None,
+        };
+        let named = BatchView {
+            names: Some(&names),
+            ..view
+        };
+        // The first step fills the cache, the later ones read it; the trunk does not train
+        // under `top`, so every step matches the uncached model's.
+        for step in 0..3 {
+            let (a, b) = (
+                cached.train_step(named, 1e-3).unwrap(),
+                plain.train_step(view, 1e-3).unwrap(),
+            );
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * b.loss.abs(),
+                "step {step}: {} vs {}",
+                a.loss,
+                b.loss
+            );
+            assert_eq!(a.correct, b.correct);
+            assert_eq!(cached.trunk_cache.len(), 4);
+        }
+        let (mut ta, mut tb) = (EvalTally::new(4), EvalTally::new(4));
+        cached.evaluate(named, &mut ta).unwrap();
+        plain.evaluate(view, &mut tb).unwrap();
+        assert!((ta.mean_loss() - tb.mean_loss()).abs() <= 1e-5 * tb.mean_loss());
+        assert_eq!(ta.top1(), tb.top1());
+
+        let short = BatchView {
+            names: Some(&names[..3]),
+            ..view
+        };
+        let err = cached.train_step(short, 1e-3).unwrap_err().to_string();
+        assert!(err.contains("3 images for 4 labels"), "{err}");
+
+        // New trunk weights (e.g. a resumed average) make every cached activation stale...
+        let trunk_var = "Conv2d_1a_3x3.bn.running_mean".to_string();
+        let value = cached.var_store().variables()[&trunk_var].copy();
+        cached
+            .load_tensors("average", &BTreeMap::from([(trunk_var, value)]))
+            .unwrap();
+        assert!(cached.trunk_cache.is_empty());
+        // ...and so does a phase that trains the trunk.
+        cached.evaluate(named, &mut ta).unwrap();
+        assert_eq!(cached.trunk_cache.len(), 4);
+        cached.set_phase(Policy::Reference, 1.0).unwrap();
+        cached.train_step(named, 1e-3).unwrap();
+        assert!(cached.trunk_cache.is_empty());
     }
 }

@@ -62,6 +62,7 @@ fn model() -> ModelOptions {
         dropout: 0.5,
         flip: true,
         optimizer: OptimizerKind::adamax(),
+        trunk_cache_bytes: 64 << 20,
     }
 }
 

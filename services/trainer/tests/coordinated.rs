@@ -121,6 +121,7 @@ fn model_options() -> ModelOptions {
         dropout: 0.5,
         flip: false,
         optimizer: OptimizerKind::adamax(),
+        trunk_cache_bytes: 64 << 20,
     }
 }
 

@@ -59,6 +59,7 @@ fn evaluate_reports_the_test_split_and_ends_with_accuracy() {
         dropout: 0.5,
         flip: false,
         optimizer: OptimizerKind::adamax(),
+        trunk_cache_bytes: 0,
     };
     let checkpoint = dir.path().join("c.safetensors");
     TrainState::new(opts, Policy::Head, 1.0, None)
