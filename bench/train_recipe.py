@@ -111,7 +111,7 @@ def load_split(args):
 
 # crates/flowers-trainer/src/recipe.rs, Hyper::new.
 REFERENCE = dict(policy="reference", lr=1e-2, backbone_scale=1.0, schedule="constant", smoothing=0.0, head_epochs=0, head_lr=1e-2)
-FAST = dict(policy="top", lr=1e-3, backbone_scale=0.3, schedule="cosine", smoothing=0.1, head_epochs=1, head_lr=1e-2)
+FAST = dict(policy="top", lr=3e-3, backbone_scale=0.3, schedule="cosine", smoothing=0.1, head_epochs=3, head_lr=1e-2)
 
 
 def phases(h, epochs):

@@ -13,7 +13,7 @@ Defaults finish in about 10 minutes on a 2-core CPU.
 USAGE
 }
 
-epochs=3 trainers=2 img_size=224 classes=0 recipe=fast batch_size=32 sync_every=10 eval_every=1 threads=""
+epochs=6 trainers=2 img_size=224 classes=0 recipe=fast batch_size=32 sync_every=10 eval_every=1 threads=""
 while (($#)); do
   case "$1" in
     --epochs) epochs=$2; shift 2 ;;

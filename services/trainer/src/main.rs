@@ -157,7 +157,7 @@ struct HyperArgs {
     /// adamax, adam or sgd (momentum 0.9) [recipe: adamax].
     #[arg(long)]
     optimizer: Option<OptimizerKind>,
-    /// Base learning rate, the head's [recipe: 1e-2 reference, 1e-3 fast].
+    /// Base learning rate, the head's [recipe: 1e-2 reference, 3e-3 fast].
     #[arg(long)]
     lr: Option<f64>,
     /// constant, cosine or step [recipe: constant reference, cosine fast].
@@ -169,7 +169,7 @@ struct HyperArgs {
     /// Dropout before the classifier [recipe: 0.5].
     #[arg(long)]
     dropout: Option<f64>,
-    /// Head-only warm-up epochs before the main phase [recipe: 0 reference, 1 fast].
+    /// Head-only warm-up epochs before the main phase [recipe: 0 reference, 3 fast].
     #[arg(long)]
     head_epochs: Option<u32>,
     /// Learning-rate multiplier of the pretrained layers that train [recipe: 1 reference, 0.3 fast].
