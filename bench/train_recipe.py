@@ -132,6 +132,12 @@ TRUNK = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_
          "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a"]
 
 
+def flipped_input(x_u8, flips):
+    """Model input with sample i mirrored where flips[i] (to_model_input's flip, chosen by the caller)."""
+    x = to_model_input(x_u8, flip=False)
+    return torch.where(torch.tensor(flips).view(-1, 1, 1, 1), x.flip(3), x)
+
+
 class TrunkCache:
     """The trainer's trunk cache (crates/flowers-trainer/src/trunk_cache.rs): while the trunk (stem to
     Mixed_7a) is frozen (`head`, `top`), its output per (image, flip) is computed once; the logits
@@ -145,15 +151,11 @@ class TrunkCache:
         flips = (torch.rand(len(keys)) < 0.5).tolist() if flip else [False] * len(keys)
         if not (self.enabled and policy in ("head", "top")):
             self.entries.clear()
-            x = to_model_input(x_u8, flip=False)
-            mask = torch.tensor(flips).view(-1, 1, 1, 1)
-            return model(torch.where(mask, x.flip(3), x))
+            return model(flipped_input(x_u8, flips))
         missing = [i for i, (k, f) in enumerate(zip(keys, flips)) if (k, f) not in self.entries]
         if missing:
-            x = to_model_input(x_u8[missing], flip=False)
-            mask = torch.tensor([flips[i] for i in missing]).view(-1, 1, 1, 1)
             with torch.no_grad():
-                h = torch.where(mask, x.flip(3), x)
+                h = flipped_input(x_u8[missing], [flips[i] for i in missing])
                 for name in TRUNK:
                     h = getattr(model, name)(h)
             for j, i in enumerate(missing):

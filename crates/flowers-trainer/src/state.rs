@@ -190,6 +190,10 @@ impl TrainState {
             vs.copy(&self.vs)?;
             self.vs = vs;
             self.model = model;
+            if !self.model.trunk_is_frozen() {
+                // The new phase trains the trunk: whatever was cached goes stale with its first step.
+                self.trunk_cache.clear();
+            }
         }
         info!(%from, to = %policy, backbone_lr_scale, "new training phase: fresh optimizer");
         self.optimizer = Optimizer::new(
@@ -211,11 +215,6 @@ impl TrainState {
     fn logits(&mut self, batch: BatchView<'_>, train: bool) -> Result<Tensor, TrainError> {
         let (device, precision) = (self.opts.device, self.opts.precision);
         let flip = train && self.opts.flip;
-        let pixels = upload_nhwc(batch.pixels, batch.shape, device);
-        if !self.model.trunk_is_frozen() {
-            // Training changes the trunk: whatever was cached is stale from here on.
-            self.trunk_cache.clear();
-        }
         if let Some(names) = batch.names.filter(|n| n.len() != batch.labels.len()) {
             return Err(TrainError::Data(format!(
                 "batch names {} images for {} labels",
@@ -226,6 +225,7 @@ impl TrainState {
         let names = match batch.names {
             Some(names) if self.model.trunk_is_frozen() && self.trunk_cache.is_enabled() => names,
             _ => {
+                let pixels = upload_nhwc(batch.pixels, batch.shape, device);
                 let x = to_model_input(&pixels, device, flip)?;
                 return Ok(with_precision(precision, device, || {
                     self.model.forward_t(&x, train)
@@ -247,7 +247,9 @@ impl TrainState {
         let missing: Vec<i64> = (0..rows.len() as i64)
             .filter(|&i| rows[i as usize].is_none())
             .collect();
+        // Only images missing from the cache need their pixels on the device.
         if !missing.is_empty() {
+            let pixels = upload_nhwc(batch.pixels, batch.shape, device);
             let index = Tensor::from_slice(&missing).to_device(device);
             let x = to_model_input(&pixels.f_index_select(0, &index)?, device, false)?;
             let x = flip_rows(
