@@ -30,19 +30,19 @@ async fn wait_for_count(conn: &lapin::Connection, queue: &str, expected: u32) ->
     }
 }
 
+/// A publisher for a run of one epoch.
+async fn one_epoch_publisher(url: &str, run: &str, opts: PublisherOptions) -> Publisher {
+    Publisher::connect(url, run, RunLayout::epochs(1), opts)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn malformed_messages_are_dead_lettered_and_good_ones_delivered() {
     let url = broker_url();
     let run = unique_run_id("dlx");
     let conn = connect(&url, "test").await.unwrap();
-    let mut publisher = Publisher::connect(
-        &url,
-        &run,
-        RunLayout::epochs(1),
-        PublisherOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut publisher = one_epoch_publisher(&url, &run, PublisherOptions::default()).await;
     let queue = train_queue(&run, 0);
 
     // Raw messages the loader would never send: garbage, and a batch whose pixels were altered.
@@ -101,14 +101,7 @@ async fn requeued_batches_come_back() {
     let url = broker_url();
     let run = unique_run_id("requeue");
     let conn = connect(&url, "test").await.unwrap();
-    let mut publisher = Publisher::connect(
-        &url,
-        &run,
-        RunLayout::epochs(1),
-        PublisherOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut publisher = one_epoch_publisher(&url, &run, PublisherOptions::default()).await;
     let batch = synthetic_batch(&run, 0, Split::Validation, 0, 1, 3, 5);
     assert_eq!(publisher.publish(&batch).await.unwrap(), Published::Sent);
     publisher.flush().await.unwrap();
@@ -157,9 +150,7 @@ async fn backpressure_keeps_the_queues_at_the_limit() {
         poll_interval: Duration::from_millis(20),
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&url, &run, RunLayout::epochs(1), opts)
-        .await
-        .unwrap();
+    let mut publisher = one_epoch_publisher(&url, &run, opts).await;
     let total = 7u32;
     let batches: Vec<_> = (0..total)
         .map(|i| synthetic_batch(&run, 0, Split::Train, i, total, 2, 8))
@@ -216,9 +207,7 @@ async fn oversized_batches_are_refused_before_publishing() {
         max_message_bytes: 10_000,
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&url, &run, RunLayout::epochs(1), opts)
-        .await
-        .unwrap();
+    let mut publisher = one_epoch_publisher(&url, &run, opts).await;
     let big = synthetic_batch(&run, 0, Split::Train, 0, 1, 4, 32); // 12 KiB of pixels
     let err = publisher.publish(&big).await.unwrap_err();
     assert!(
@@ -257,9 +246,7 @@ async fn publisher_reconnects_and_resends_only_unconfirmed_batches() {
         },
         ..Default::default()
     };
-    let mut publisher = Publisher::connect(&proxy.url(&url), &run, RunLayout::epochs(1), opts)
-        .await
-        .unwrap();
+    let mut publisher = one_epoch_publisher(&proxy.url(&url), &run, opts).await;
     let total = 10u32;
     let batches: Vec<_> = (0..total)
         .map(|i| synthetic_batch(&run, 0, Split::Train, i, total, 2, 16))

@@ -16,6 +16,8 @@ mod service;
 pub mod state;
 mod store;
 pub mod tensors;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use client::{
     BearerToken, ClientConfig, ClientError, ClientResult, CoordinatorClient, RawClient,

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use flowers_coordinator::testing::{client_config, serve_on_free_port};
 use flowers_coordinator::{
     ClientConfig, Coordinator, CoordinatorClient, CoordinatorConfig, RetryPolicy, ServeOptions,
     ServerHandle, WorkerInfo,
@@ -19,31 +20,11 @@ async fn start(dir: &Path, sync_every: u32, worker_timeout_ms: u64) -> ServerHan
         worker_timeout: Duration::from_millis(worker_timeout_ms),
         ..CoordinatorConfig::new(dir)
     };
-    let coordinator = Coordinator::open(config).unwrap();
-    ServerHandle::start(
-        coordinator,
-        "127.0.0.1:0",
-        ServeOptions {
-            token: Some(TOKEN.into()),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap()
+    serve_on_free_port(config, Some(TOKEN)).await.unwrap()
 }
 
 fn client(server: &ServerHandle) -> CoordinatorClient {
-    let retry = RetryPolicy {
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(200),
-        give_up_after: Duration::from_secs(5),
-    };
-    CoordinatorClient::connect(
-        &ClientConfig::new(server.url())
-            .token(Some(TOKEN.into()))
-            .retry(retry),
-    )
-    .unwrap()
+    CoordinatorClient::connect(&client_config(server, Some(TOKEN))).unwrap()
 }
 
 fn config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {

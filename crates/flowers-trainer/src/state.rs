@@ -92,7 +92,24 @@ impl TrainState {
         let config = opts.model_config(opts.variant, policy);
         let (model, _) = build_model(&vs, config, weights)?;
         let optimizer = Optimizer::new(opts.optimizer, model.param_groups(backbone_lr_scale));
-        Ok(Self {
+        Ok(Self::assemble(
+            opts,
+            vs,
+            model,
+            optimizer,
+            backbone_lr_scale,
+        ))
+    }
+
+    /// A state at step 0 around a built model and its optimizer.
+    fn assemble(
+        opts: ModelOptions,
+        vs: VarStore,
+        model: InceptionV3,
+        optimizer: Optimizer,
+        backbone_lr_scale: f64,
+    ) -> Self {
+        Self {
             trunk_cache: TrunkCache::new(opts.trunk_cache_bytes),
             opts,
             vs,
@@ -101,7 +118,7 @@ impl TrainState {
             backbone_lr_scale,
             step: 0,
             resumed_from: None,
-        })
+        }
     }
 
     /// Everything a checkpoint holds: the model as saved (its policy and variant), its step,
@@ -139,16 +156,10 @@ impl TrainState {
         }
         let meta = load_checkpoint(checkpoint, &vs, same_optimizer.then_some(&mut optimizer))?;
         info!(checkpoint = %checkpoint.display(), step = meta.step, epoch = meta.epoch, policy = %meta.policy, "resumed");
-        Ok(Self {
-            trunk_cache: TrunkCache::new(opts.trunk_cache_bytes),
-            opts,
-            vs,
-            model,
-            optimizer,
-            backbone_lr_scale,
-            step: meta.step,
-            resumed_from: Some(meta),
-        })
+        let mut state = Self::assemble(opts, vs, model, optimizer, backbone_lr_scale);
+        state.step = meta.step;
+        state.resumed_from = Some(meta);
+        Ok(state)
     }
 
     /// The metadata of the checkpoint this state was resumed from.

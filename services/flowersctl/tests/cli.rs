@@ -3,10 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flowers_coordinator::{
-    ClientConfig, Coordinator, CoordinatorClient, CoordinatorConfig, ServeOptions, ServerHandle,
-    WorkerInfo,
-};
+use flowers_coordinator::testing::{client_config, serve_on_free_port};
+use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
 use flowers_proto::v1 as pb;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -119,19 +117,8 @@ async fn start(dir: &std::path::Path) -> (ServerHandle, CoordinatorClient) {
         worker_timeout: Duration::from_secs(30),
         ..CoordinatorConfig::new(dir)
     };
-    let server = ServerHandle::start(
-        Coordinator::open(config).unwrap(),
-        "127.0.0.1:0",
-        ServeOptions {
-            token: Some(TOKEN.into()),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap();
-    let client =
-        CoordinatorClient::connect(&ClientConfig::new(server.url()).token(Some(TOKEN.into())))
-            .unwrap();
+    let server = serve_on_free_port(config, Some(TOKEN)).await.unwrap();
+    let client = CoordinatorClient::connect(&client_config(&server, Some(TOKEN))).unwrap();
     (server, client)
 }
 

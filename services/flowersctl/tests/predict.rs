@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use flowers_coordinator::{
-    ClientConfig, Coordinator, CoordinatorConfig, ServeOptions, ServerHandle, WorkerInfo,
-};
+use flowers_coordinator::testing::{client_config, serve_on_free_port};
+use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
 use flowers_model::{
     save_checkpoint, tensor_file, CheckpointMeta, InceptionV3, ModelConfig, Policy, Variant,
 };
@@ -208,22 +207,12 @@ async fn start_coordinator(dir: &Path) -> ServerHandle {
         worker_timeout: Duration::from_secs(30),
         ..CoordinatorConfig::new(dir)
     };
-    ServerHandle::start(
-        Coordinator::open(config).unwrap(),
-        "127.0.0.1:0",
-        ServeOptions {
-            token: None,
-            tls: None,
-        },
-    )
-    .await
-    .unwrap()
+    serve_on_free_port(config, None).await.unwrap()
 }
 
 /// Registers a 5-class 75 px run and completes one sync round whose average is `upload`.
 async fn run_with_average(server: &ServerHandle, upload: Vec<u8>) -> String {
-    let c =
-        flowers_coordinator::CoordinatorClient::connect(&ClientConfig::new(server.url())).unwrap();
+    let c = CoordinatorClient::connect(&client_config(server, None)).unwrap();
     let config = pb::RunConfig {
         dataset: "flowers".into(),
         split: "stratified".into(),

@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 
 use common::*;
 use flowers_broker::train_queue;
-use flowers_model::{read_checkpoint_meta, OptimizerKind, Policy, Variant};
-use flowers_trainer::device::Precision;
+use flowers_model::{read_checkpoint_meta, Policy};
 use flowers_trainer::metrics::{EvalMetrics, StepMetrics};
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
 use flowers_trainer::run::{run, Coordination, RunOptions, RunOutcome, StageContext, Standalone};
-use flowers_trainer::state::{ModelOptions, TrainState};
+use flowers_trainer::state::TrainState;
 use flowers_trainer::worker::Worker;
 use flowers_trainer::TrainError;
 use flowers_wire::{encode_batch, DEFAULT_MAX_MESSAGE_BYTES};
@@ -49,20 +48,6 @@ impl Coordination for Recorder {
     async fn validation_done(&mut self, m: &EvalMetrics) -> Result<(), TrainError> {
         self.validations.push(m.clone());
         Ok(())
-    }
-}
-
-fn model() -> ModelOptions {
-    ModelOptions {
-        device: tch::Device::Cpu,
-        precision: Precision::Fp32,
-        num_classes: i64::from(CLASSES),
-        variant: Variant::Torchvision,
-        label_smoothing: 0.0,
-        dropout: 0.5,
-        flip: true,
-        optimizer: OptimizerKind::adamax(),
-        trunk_cache_bytes: 64 << 20,
     }
 }
 
@@ -107,7 +92,7 @@ async fn trains_each_batch_once_acks_it_and_validates_each_epoch() {
     let (_tx, stop) = tokio::sync::watch::channel(false);
     let outcome = run(
         &options(&run_id, 2, Some(dir.path())),
-        model(),
+        cpu_model(true),
         &hyper(),
         &mut rec,
         stop,
@@ -160,7 +145,7 @@ async fn malformed_message_is_dead_lettered_and_training_goes_on() {
     let (_tx, stop) = tokio::sync::watch::channel(false);
     let outcome = run(
         &options(&run_id, 1, None),
-        model(),
+        cpu_model(true),
         &hyper(),
         &mut rec,
         stop,

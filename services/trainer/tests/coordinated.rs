@@ -9,17 +9,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use flowers_coordinator::{
-    ClientConfig, Coordinator, CoordinatorClient, CoordinatorConfig, RetryPolicy, ServeOptions,
-    ServerHandle, WorkerInfo,
-};
-use flowers_model::{tensor_file, OptimizerKind, Policy, Variant};
+use flowers_coordinator::testing::{client_config, serve_on_free_port};
+use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
+use flowers_model::{tensor_file, Policy};
 use flowers_proto::v1 as pb;
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
-use flowers_trainer::device::Precision;
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
 use flowers_trainer::run::{run, Coordination, RunOptions, RunOutcome};
-use flowers_trainer::state::{ModelOptions, TrainState};
+use flowers_trainer::state::TrainState;
 use flowers_trainer::worker::Worker;
 
 const TOKEN: &str = "t0ken";
@@ -40,26 +37,7 @@ async fn start_coordinator(dir: &Path) -> ServerHandle {
         worker_timeout: Duration::from_secs(10),
         ..CoordinatorConfig::new(dir)
     };
-    ServerHandle::start(
-        Coordinator::open(config).unwrap(),
-        "127.0.0.1:0",
-        ServeOptions {
-            token: Some(TOKEN.into()),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap()
-}
-
-fn client_config(server: &ServerHandle) -> ClientConfig {
-    ClientConfig::new(server.url())
-        .token(Some(TOKEN.into()))
-        .retry(RetryPolicy {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            give_up_after: Duration::from_secs(10),
-        })
+    serve_on_free_port(config, Some(TOKEN)).await.unwrap()
 }
 
 /// The run as the loader registers it (see `common::epochs`: the last training batch has 2 images).
@@ -106,23 +84,9 @@ async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOut
     )
     .unwrap();
     let (_tx, stop) = tokio::sync::watch::channel(false);
-    run(&opts, model_options(), &hyper, coordinated, stop)
+    run(&opts, cpu_model(false), &hyper, coordinated, stop)
         .await
         .unwrap()
-}
-
-fn model_options() -> ModelOptions {
-    ModelOptions {
-        device: tch::Device::Cpu,
-        precision: Precision::Fp32,
-        num_classes: i64::from(CLASSES),
-        variant: Variant::Torchvision,
-        label_smoothing: 0.0,
-        dropout: 0.5,
-        flip: false,
-        optimizer: OptimizerKind::adamax(),
-        trunk_cache_bytes: 64 << 20,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,10 +95,10 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     let state = tempfile::tempdir().unwrap();
     let server = start_coordinator(state.path()).await;
     let run_id = unique_run("coord");
-    let client = CoordinatorClient::connect(&client_config(&server)).unwrap();
+    let client = CoordinatorClient::connect(&client_config(&server, Some(TOKEN))).unwrap();
     let join = |host: &str| {
         Coordinated::join(CoordinatedOptions {
-            client: client_config(&server),
+            client: client_config(&server, Some(TOKEN)),
             run_id: run_id.clone(),
             info: WorkerInfo {
                 host: host.into(),
@@ -232,7 +196,7 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     let mut late = join("late").await.unwrap();
     assert!(late.run_finished());
     let worker = Worker::spawn("late", || {
-        TrainState::new(model_options(), Policy::Head, 1.0, None)
+        TrainState::new(cpu_model(false), Policy::Head, 1.0, None)
     })
     .await
     .unwrap();
@@ -268,7 +232,7 @@ async fn cli_refuses_settings_that_differ_from_the_run() {
     let state = tempfile::tempdir().unwrap();
     let server = start_coordinator(state.path()).await;
     let run_id = unique_run("cli");
-    let client = CoordinatorClient::connect(&client_config(&server)).unwrap();
+    let client = CoordinatorClient::connect(&client_config(&server, Some(TOKEN))).unwrap();
     client
         .register_run(run_config(), Some(&run_id))
         .await

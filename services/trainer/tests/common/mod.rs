@@ -9,6 +9,9 @@ use flowers_broker::{
     connect, dead_queue, delete_run_queues, eval_queue, message_count, train_queue, val_queue,
     Publisher, PublisherOptions, DEFAULT_BROKER_URL,
 };
+use flowers_model::{OptimizerKind, Variant};
+use flowers_trainer::device::Precision;
+use flowers_trainer::state::ModelOptions;
 use flowers_wire::{build_batch, Batch, BatchHeader, Split};
 
 pub const IMG: u32 = 75;
@@ -130,6 +133,21 @@ pub async fn ready(run: &str, which: &str, epoch: u32) -> u32 {
         .expect("queue exists");
     let _ = conn.close(200, "OK".into()).await;
     n
+}
+
+/// fp32 on the CPU, torchvision's architecture, 102 classes, a small trunk cache.
+pub fn cpu_model(flip: bool) -> ModelOptions {
+    ModelOptions {
+        device: tch::Device::Cpu,
+        precision: Precision::Fp32,
+        num_classes: i64::from(CLASSES),
+        variant: Variant::Torchvision,
+        label_smoothing: 0.0,
+        dropout: 0.5,
+        flip,
+        optimizer: OptimizerKind::adamax(),
+        trunk_cache_bytes: 64 << 20,
+    }
 }
 
 pub async fn cleanup(run: &str, layout: RunLayout) {
