@@ -254,7 +254,7 @@ struct BenchArgs {
 
 /// jemalloc for the whole process, libtorch's tensor buffers included. Steps run off the main
 /// thread, where glibc's malloc serves them from per-thread arenas whose heaps it unmaps and
-/// faults in again every step: 6-7% of a step at batch 8 and 299 px, 25-30% at batch 32
+/// faults in again every step: 16% of a step at batch 8 and 299 px, 29% at batch 32
 /// (BENCHMARKS.md, "Allocator").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
