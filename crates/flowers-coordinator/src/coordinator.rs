@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use flowers_proto::v1 as pb;
+use flowers_shutdown::requested;
 use tokio::sync::{broadcast, watch};
 
 use crate::error::{CoordinatorError, Result};
@@ -65,12 +66,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Coordinator {
     inner: Arc<Inner>,
-}
-
-/// Resolves once shutdown has begun (or the coordinator is gone).
-pub(crate) async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns must not live across the caller's awaits.
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -295,7 +290,7 @@ impl Coordinator {
             }
             tokio::select! {
                 changed = done.changed() => if changed.is_err() { return Err(CoordinatorError::ShuttingDown) },
-                _ = until_shutdown(&mut shutdown) => return Err(CoordinatorError::ShuttingDown),
+                _ = requested(&mut shutdown) => return Err(CoordinatorError::ShuttingDown),
             }
         }
     }
@@ -397,7 +392,7 @@ impl Coordinator {
                 _ = tick.tick() => if let Err(e) = self.sweep().await {
                     tracing::error!(error = %e, "saving state after marking lost workers");
                 },
-                _ = until_shutdown(&mut shutdown) => return,
+                _ = requested(&mut shutdown) => return,
             }
         }
     }

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use flowers_proto::v1 as pb;
 use flowers_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use flowers_shutdown::requested;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{until_shutdown, Coordinator};
+use crate::coordinator::Coordinator;
 use crate::error::CoordinatorError;
 use crate::state::UploadPlan;
 
@@ -138,7 +139,7 @@ impl CoordinatorRpc for CoordinatorService {
             loop {
                 let next = tokio::select! {
                     next = events.recv() => next,
-                    _ = until_shutdown(&mut shutdown) => {
+                    _ = requested(&mut shutdown) => {
                         let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
                         return;
                     }
