@@ -14,7 +14,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::state::{
     checkpoint_id, CheckedUpload, NewCheckpoint, RoundJob, Settings, State, UploadPlan,
 };
-use crate::store::{write_atomic, Store};
+use crate::store::Store;
 use crate::tensors::{model_metadata, schema_of, weighted_average};
 
 /// How the coordinator behaves.
@@ -136,9 +136,8 @@ impl Coordinator {
             if saved.get(&id) == Some(&json) {
                 continue;
             }
-            let path = self.inner.store.run_file(&id);
-            let bytes = json.clone();
-            tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            let (store, run_id, bytes) = (self.inner.store.clone(), id.clone(), json.clone());
+            tokio::task::spawn_blocking(move || store.save_run(&run_id, &bytes))
                 .await
                 .expect("save task")?;
             saved.insert(id, json);
@@ -307,7 +306,7 @@ impl Coordinator {
     async fn complete_round(&self, job: RoundJob) {
         let (run_id, round) = (job.run_id.clone(), job.round);
         let id = checkpoint_id(round);
-        let path = self.inner.store.checkpoint_file(&run_id, &id);
+        let (store, saved_as) = (self.inner.store.clone(), id.clone());
         let mut metadata = job
             .uploads
             .first()
@@ -331,7 +330,7 @@ impl Coordinator {
                 .map(|(b, s)| (b.as_slice(), *s))
                 .collect();
             let average = weighted_average(&uploads, metadata)?;
-            write_atomic(&path, &average)?;
+            store.save_checkpoint(&job.run_id, &saved_as, &average)?;
             Ok(average)
         })
         .await

@@ -27,4 +27,4 @@ pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use error::{CoordinatorError, Result};
 pub use server::{serve, BearerAuth, ServeError, ServeOptions, ServerHandle, MAX_MESSAGE_BYTES};
 pub use service::{CoordinatorService, CHUNK_BYTES};
-pub use store::{write_atomic, Store};
+pub use store::Store;
