@@ -1,14 +1,12 @@
 //! The coordinator: run and worker state, epoch accounting, parameter averaging,
-//! checkpoints, the gRPC server and its client.
+//! checkpoints and the gRPC server. Clients use `flowers-coordinator-client`.
 //!
 //! - [`state`]: the pure state machine (runs, workers, rounds, epochs);
 //! - [`Coordinator`]: drives it, saves it under the state directory, averages rounds;
-//! - [`serve`]: the tonic server (auth, TLS, reflection, shutdown);
-//! - [`CoordinatorClient`]: what trainers, the loader and flowersctl use.
+//! - [`serve`]: the tonic server (auth, TLS, reflection, shutdown).
 //!
 //! The round and epoch protocol a trainer follows is in this crate's README.md.
 
-mod client;
 mod coordinator;
 mod error;
 mod server;
@@ -19,12 +17,8 @@ pub mod tensors;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use client::{
-    BearerToken, ClientConfig, ClientError, ClientResult, CoordinatorClient, RawClient,
-    RetryPolicy, WorkerInfo,
-};
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use error::{CoordinatorError, Result};
-pub use server::{serve, BearerAuth, ServeError, ServeOptions, ServerHandle, MAX_MESSAGE_BYTES};
-pub use service::{CoordinatorService, CHUNK_BYTES};
+pub use server::{serve, BearerAuth, ServeError, ServeOptions, ServerHandle};
+pub use service::CoordinatorService;
 pub use store::Store;

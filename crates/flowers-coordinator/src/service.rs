@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use flowers_proto::v1 as pb;
 use flowers_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use flowers_proto::CHUNK_BYTES;
 use flowers_shutdown::requested;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
@@ -15,9 +16,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::coordinator::Coordinator;
 use crate::error::CoordinatorError;
 use crate::state::UploadPlan;
-
-/// Size of the data in each streamed chunk: well under the message limit.
-pub const CHUNK_BYTES: usize = 1 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 

@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use crate::{
-    ClientConfig, Coordinator, CoordinatorConfig, RetryPolicy, ServeError, ServeOptions,
-    ServerHandle,
-};
+use flowers_coordinator_client::{Backoff, ClientConfig};
+
+use crate::{Coordinator, CoordinatorConfig, ServeError, ServeOptions, ServerHandle};
 
 /// Serves a coordinator opened with `config` on a free loopback port, plain HTTP/2, requiring
 /// `token` where one is given.
@@ -26,9 +25,9 @@ pub async fn serve_on_free_port(
 pub fn client_config(server: &ServerHandle, token: Option<&str>) -> ClientConfig {
     ClientConfig::new(server.url())
         .token(token.map(Into::into))
-        .retry(RetryPolicy {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
+        .retry(Backoff {
+            initial: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
             give_up_after: Duration::from_secs(10),
         })
 }

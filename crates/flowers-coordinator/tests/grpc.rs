@@ -4,10 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use flowers_coordinator::testing::{client_config, serve_on_free_port};
-use flowers_coordinator::{
-    ClientConfig, Coordinator, CoordinatorClient, CoordinatorConfig, RetryPolicy, ServeOptions,
-    ServerHandle, WorkerInfo,
-};
+use flowers_coordinator::{Coordinator, CoordinatorConfig, ServeOptions, ServerHandle};
+use flowers_coordinator_client::{Backoff, ClientConfig, CoordinatorClient, WorkerInfo};
 use flowers_proto::v1 as pb;
 use safetensors::tensor::SafeTensors;
 use tonic::Code;
@@ -564,7 +562,7 @@ async fn a_missing_or_wrong_token_is_refused() {
         let c = CoordinatorClient::connect(
             &ClientConfig::new(server.url())
                 .token(token)
-                .retry(RetryPolicy::none()),
+                .retry(Backoff::none()),
         )
         .unwrap();
         let err = c.list_runs().await.unwrap_err();
@@ -712,7 +710,7 @@ async fn tls_with_a_trusted_certificate_works() {
     // Plain HTTP/2 to a TLS port fails rather than leaking anything.
     let plain = ClientConfig::new(server.url())
         .token(Some(TOKEN.into()))
-        .retry(RetryPolicy::none());
+        .retry(Backoff::none());
     assert!(CoordinatorClient::connect(&plain)
         .unwrap()
         .list_runs()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use atomic_write_file::AtomicWriteFile;
 use clap::{Parser, Subcommand};
-use flowers_coordinator::{ClientConfig, CoordinatorClient, RetryPolicy};
+use flowers_coordinator_client::{Backoff, ClientConfig, CoordinatorClient};
 use flowers_proto::v1 as pb;
 
 #[derive(Parser, Debug)]
@@ -121,9 +121,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     // An interactive tool should say quickly that the coordinator is down.
-    let retry = RetryPolicy {
-        initial_backoff: Duration::from_millis(200),
-        max_backoff: Duration::from_secs(1),
+    let retry = Backoff {
+        initial: Duration::from_millis(200),
+        max_delay: Duration::from_secs(1),
         give_up_after: Duration::from_secs(3),
     };
     let config = ClientConfig {

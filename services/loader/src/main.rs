@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flowers_broker::{connect, delete_run_queues, PublisherOptions, RunLayout, DEFAULT_BROKER_URL};
-use flowers_coordinator::{ClientConfig, CoordinatorClient};
+use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
 use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
