@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flowers_proto::interim_evaluation_after;
 use flowers_proto::v1 as pb;
-use rand::Rng;
+use flowers_proto::{interim_evaluation_after, run_id};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
@@ -33,19 +32,14 @@ pub(crate) fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Ids become file and queue names: keep them to a safe alphabet.
+/// Ids become file and queue names: run and worker ids follow the one run id rule.
 pub(crate) fn check_id(kind: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if run_id::is_valid(id) {
         Ok(())
     } else {
         Err(CoordinatorError::Invalid(format!(
-            "{kind} id {id:?} must be 1-64 characters of A-Z a-z 0-9 - _ . and not start with '.'"
+            "{kind} id {id:?} must be {}",
+            run_id::RULE
         )))
     }
 }
@@ -461,7 +455,7 @@ impl State {
         let spec = RunSpec::from(config);
         spec.validate()?;
         let id = if req.run_id.is_empty() {
-            format!("run-{:08x}", rand::thread_rng().gen::<u32>())
+            run_id::random()
         } else {
             check_id("run", &req.run_id)?;
             req.run_id.clone()

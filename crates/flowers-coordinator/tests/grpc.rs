@@ -718,3 +718,27 @@ async fn tls_with_a_trusted_certificate_works() {
         .is_err());
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_run_id_the_broker_would_refuse_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 0, 5_000).await;
+    let c = client(&server);
+    // '.' separates the parts of queue names (flowers.<run>.train.<epoch>).
+    let err = c
+        .register_run(config(1, 2, 1), Some("a.b"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    let generated = c.register_run(config(1, 2, 1), None).await.unwrap().run_id;
+    assert!(flowers_proto::run_id::is_valid(&generated), "{generated}");
+    let runs: Vec<String> = c
+        .list_runs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.run_id)
+        .collect();
+    assert_eq!(runs, [generated]);
+    server.shutdown().await.unwrap();
+}
