@@ -4,15 +4,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flowers_proto::run_id;
 use flowers_proto::v1 as pb;
 use flowers_shutdown::requested;
 use tokio::sync::{broadcast, watch};
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::{
-    checkpoint_id, CheckedUpload, NewCheckpoint, RoundJob, Settings, State, UploadPlan,
+    checkpoint_id, CheckedUpload, NewCheckpoint, Now, RoundJob, Settings, State, UploadPlan,
 };
 use crate::store::Store;
 use crate::tensors::{model_metadata, schema_of, weighted_average};
@@ -68,6 +69,17 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
+/// The clocks, read once per change: the state machine takes time as an argument.
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not wedge every later request.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -86,9 +98,10 @@ impl Coordinator {
             sync_every: config.sync_every,
             worker_timeout: config.worker_timeout,
         });
+        let opened = now();
         for (path, bytes) in store.load_run_files()? {
             let id = state
-                .restore(&bytes)
+                .restore(&bytes, opened)
                 .map_err(|source| CoordinatorError::CorruptState { path, source })?;
             tracing::info!(run = %id, "resumed run");
         }
@@ -151,8 +164,15 @@ impl Coordinator {
         self.save(all).await
     }
 
+    /// Registers a run under the id the loader gave, or under a fresh random one.
     pub async fn register_run(&self, req: &pb::RegisterRunRequest) -> Result<pb::RunStatus> {
-        self.with_state(|s| s.register_run(req)).await
+        let id = if req.run_id.is_empty() {
+            run_id::random()
+        } else {
+            req.run_id.clone()
+        };
+        self.with_state(|s| s.register_run(req.config.as_ref(), &id, now()))
+            .await
     }
 
     pub fn run_status(&self, run_id: &str, include_history: bool) -> Result<pb::RunStatus> {
@@ -184,12 +204,11 @@ impl Coordinator {
         &self,
         req: &pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse> {
-        self.with_state(|s| s.register_worker(req, Instant::now()))
-            .await
+        self.with_state(|s| s.register_worker(req, now())).await
     }
 
     pub async fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
-        self.with_state(|s| s.heartbeat(&req.run_id, &req.worker_id, Instant::now()))
+        self.with_state(|s| s.heartbeat(&req.run_id, &req.worker_id, now()))
             .await
     }
 
@@ -197,16 +216,14 @@ impl Coordinator {
         &self,
         req: &pb::ReportStepsRequest,
     ) -> Result<pb::ReportStepsResponse> {
-        self.with_state(|s| s.report_steps(req, Instant::now()))
-            .await
+        self.with_state(|s| s.report_steps(req, now())).await
     }
 
     pub async fn report_evaluation(
         &self,
         req: &pb::ReportEvaluationRequest,
     ) -> Result<pb::ReportEvaluationResponse> {
-        self.with_state(|s| s.report_evaluation(req, Instant::now()))
-            .await
+        self.with_state(|s| s.report_evaluation(req, now())).await
     }
 
     /// Checks a sync header before the tensors are read.
@@ -264,7 +281,7 @@ impl Coordinator {
                     samples: header.samples,
                     schema,
                 },
-                Instant::now(),
+                now(),
             )
         })
         .await?;
@@ -344,7 +361,7 @@ impl Coordinator {
                     size_bytes: average.len() as u64,
                 };
                 let removed = self
-                    .with_state(|s| Ok(s.finish_round(&run_id, round, checkpoint, Instant::now())))
+                    .with_state(|s| Ok(s.finish_round(&run_id, round, checkpoint, now())))
                     .await;
                 match removed {
                     Ok(removed) => {
@@ -374,7 +391,7 @@ impl Coordinator {
 
     /// Marks silent workers lost and completes the rounds that were waiting only on them.
     pub async fn sweep(&self) -> Result<()> {
-        let touched = self.with_state(|s| Ok(s.sweep(Instant::now()))).await?;
+        let touched = self.with_state(|s| Ok(s.sweep(now()))).await?;
         for run in touched {
             self.drive_round(&run);
         }
