@@ -43,11 +43,11 @@ fn config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {
 }
 
 fn tensors(entries: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-    flowers_coordinator::tensors::f32_safetensors(entries).unwrap()
+    flowers_coordinator::testing::f32_safetensors(entries).unwrap()
 }
 
 fn read(bytes: &[u8], name: &str) -> Vec<f32> {
-    flowers_coordinator::tensors::f32_values(bytes, name).unwrap()
+    flowers_coordinator::testing::f32_values(bytes, name).unwrap()
 }
 
 fn step(epoch: u32, batch: u32) -> pb::StepMetrics {
