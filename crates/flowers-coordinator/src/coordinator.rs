@@ -1,5 +1,7 @@
-//! The coordinator proper: drives the [`State`] machine, saves it, averages
-//! rounds off the async threads, and fans events out to watchers.
+//! The coordinator proper ([`Coordinator`], configured by [`CoordinatorConfig`]): drives the
+//! [`State`] machine, saves it, averages rounds off the async threads, and fans events out to
+//! watchers. It is where the clocks are read and run ids drawn, for the state machine to take
+//! as arguments; it knows nothing of gRPC (that is `service.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

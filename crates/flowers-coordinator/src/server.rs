@@ -1,5 +1,6 @@
-//! Serving: bearer-token check, optional TLS, reflection, message limits,
-//! the lost-worker sweeper, and graceful shutdown with a final save.
+//! Serving ([`serve`], [`ServerHandle`], [`ServeOptions`], [`ServeError`]): bearer-token check
+//! ([`BearerAuth`]), optional TLS, reflection, message limits, the lost-worker sweeper, and
+//! graceful shutdown with a final save. The shutdown request itself comes from the caller.
 
 use std::future::Future;
 

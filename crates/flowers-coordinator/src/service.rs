@@ -1,4 +1,5 @@
-//! The gRPC layer: translates `flowers.v1.Coordinator` calls onto [`Coordinator`].
+//! The gRPC layer ([`CoordinatorService`]): translates `flowers.v1.Coordinator` calls onto
+//! [`Coordinator`] and streams tensors in [`CHUNK_BYTES`] chunks. It holds no state of its own.
 
 use std::pin::Pin;
 use std::sync::Arc;

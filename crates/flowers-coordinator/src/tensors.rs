@@ -1,8 +1,9 @@
-//! Safetensors parsing, schema checks and the sample-weighted average of uploads.
+//! Safetensors parsing, schema checks and the sample-weighted average of uploads
+//! ([`TensorSpec`], [`schema_of`], [`check_schema`], [`weighted_average`]).
 //!
 //! Tensors reach the coordinator as safetensors bytes, so it needs no tensor
-//! library: it reads the little-endian payloads, averages in f64 and writes the
-//! result back in each tensor's own dtype.
+//! library (and must not depend on one): it reads the little-endian payloads,
+//! averages in f64 and writes the result back in each tensor's own dtype.
 
 use std::collections::HashMap;
 
