@@ -4,7 +4,7 @@
 //! (`--eval-every 0.5`) and at its end. Then the same with faults: a trainer killed with
 //! SIGKILL mid-epoch, and the coordinator killed and restarted mid-run.
 
-use flowers_coordinator::{ClientConfig, CoordinatorClient};
+use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_e2e::{broker_url, free_port, unique_run_id, workspace_binary, Service};
 use flowers_proto::v1 as pb;
 use std::path::{Path, PathBuf};

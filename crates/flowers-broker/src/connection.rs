@@ -2,43 +2,14 @@
 
 use crate::error::redact_url;
 use crate::BrokerError;
+use backon::Retryable;
+pub use flowers_retry::Backoff;
 use lapin::{Connection, ConnectionProperties};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tracing::warn;
 
 /// The local broker of the development setup (guest/guest, vhost `/`).
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// Exponential backoff between connection attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Delay after the first failed attempt; doubles after each further one.
-    pub initial: Duration,
-    /// Ceiling of the delay.
-    pub max_delay: Duration,
-    /// Give up once this much time has passed since the first failure.
-    pub give_up_after: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(200),
-            max_delay: Duration::from_secs(10),
-            give_up_after: Duration::from_secs(300),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay after `failures` consecutive failed attempts (1 = first).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(failures.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max_delay)
-    }
-}
 
 /// Opens one connection (one attempt). `name` shows in the management UI.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
@@ -60,44 +31,29 @@ pub async fn connect_with_backoff(
 ) -> Result<Connection, BrokerError> {
     let started = Instant::now();
     let mut failures = 0u32;
-    loop {
-        match connect(url, name).await {
-            Ok(conn) => return Ok(conn),
-            Err(BrokerError::Connect { url, source }) => {
-                failures += 1;
-                let elapsed = started.elapsed();
-                if elapsed >= backoff.give_up_after {
-                    return Err(BrokerError::GaveUp {
-                        url,
-                        attempts: failures,
-                        elapsed,
-                        last: source,
-                    });
-                }
-                let delay = backoff.delay(failures);
-                warn!(%url, attempt = failures, retry_in = ?delay, error = %source, "RabbitMQ unreachable; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(other) => return Err(other),
-        }
+    let connected = (|| connect(url, name))
+        .retry(*backoff)
+        .when(|e| matches!(e, BrokerError::Connect { .. }))
+        .notify(|e, delay| {
+            failures += 1;
+            warn!(attempt = failures, retry_in = ?delay, error = %e, "RabbitMQ unreachable; retrying");
+        })
+        .await;
+    match connected {
+        Err(BrokerError::Connect { url, source }) => Err(BrokerError::GaveUp {
+            url,
+            attempts: failures + 1,
+            elapsed: started.elapsed(),
+            last: source,
+        }),
+        other => other,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn delay_doubles_up_to_the_ceiling() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            give_up_after: Duration::from_secs(5),
-        };
-        let delays: Vec<_> = (1..=6).map(|n| b.delay(n).as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(b.delay(200), Duration::from_secs(1));
-    }
+    use std::time::Duration;
 
     #[tokio::test]
     async fn gives_up_on_a_closed_port() {

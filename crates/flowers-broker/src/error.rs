@@ -6,7 +6,7 @@ use std::time::Duration;
 /// What went wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("invalid run id {0:?}: use 1 to 64 characters from A-Z a-z 0-9 - _")]
+    #[error("invalid run id {0:?}: use {rule}", rule = flowers_proto::run_id::RULE)]
     InvalidRunId(String),
     #[error("cannot connect to RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },

@@ -1,25 +1,21 @@
 //! Queue naming per run (the cross-crate contract).
 
 use crate::BrokerError;
+use flowers_proto::run_id;
 
 /// The dead-letter exchange shared by every run (direct, durable).
 pub const DLX_EXCHANGE: &str = "flowers.dlx";
 
 /// Longest accepted run id; queue names must stay under AMQP's 255 bytes.
-pub const MAX_RUN_ID_LEN: usize = 64;
+pub const MAX_RUN_ID_LEN: usize = run_id::MAX_LEN;
 
-/// Run ids appear in queue names and routing keys, so they are restricted to
-/// `[A-Za-z0-9_-]`, 1 to [`MAX_RUN_ID_LEN`] characters.
-pub fn validate_run_id(run_id: &str) -> Result<(), BrokerError> {
-    let ok = !run_id.is_empty()
-        && run_id.len() <= MAX_RUN_ID_LEN
-        && run_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
+/// Run ids appear in queue names and routing keys, so they follow the one run id rule
+/// ([`flowers_proto::run_id`]): `[A-Za-z0-9_-]`, 1 to [`MAX_RUN_ID_LEN`] characters.
+pub fn validate_run_id(id: &str) -> Result<(), BrokerError> {
+    if run_id::is_valid(id) {
         Ok(())
     } else {
-        Err(BrokerError::InvalidRunId(run_id.to_string()))
+        Err(BrokerError::InvalidRunId(id.to_string()))
     }
 }
 

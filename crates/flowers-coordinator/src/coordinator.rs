@@ -1,19 +1,23 @@
-//! The coordinator proper: drives the [`State`] machine, saves it, averages
-//! rounds off the async threads, and fans events out to watchers.
+//! The coordinator proper ([`Coordinator`], configured by [`CoordinatorConfig`]): drives the
+//! [`State`] machine, saves it, averages rounds off the async threads, and fans events out to
+//! watchers. It is where the clocks are read and run ids drawn, for the state machine to take
+//! as arguments; it knows nothing of gRPC (that is `service.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flowers_proto::run_id;
 use flowers_proto::v1 as pb;
+use flowers_shutdown::requested;
 use tokio::sync::{broadcast, watch};
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::{
-    checkpoint_id, CheckedUpload, NewCheckpoint, RoundJob, Settings, State, UploadPlan,
+    checkpoint_id, CheckedUpload, NewCheckpoint, Now, RoundJob, Settings, State, UploadPlan,
 };
-use crate::store::{write_atomic, Store};
+use crate::store::Store;
 use crate::tensors::{model_metadata, schema_of, weighted_average};
 
 /// How the coordinator behaves.
@@ -67,10 +71,15 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
-/// Resolves once shutdown has begun (or the coordinator is gone).
-pub(crate) async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns must not live across the caller's awaits.
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+/// The clocks, read once per change: the state machine takes time as an argument.
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,9 +100,10 @@ impl Coordinator {
             sync_every: config.sync_every,
             worker_timeout: config.worker_timeout,
         });
+        let opened = now();
         for (path, bytes) in store.load_run_files()? {
             let id = state
-                .restore(&bytes)
+                .restore(&bytes, opened)
                 .map_err(|source| CoordinatorError::CorruptState { path, source })?;
             tracing::info!(run = %id, "resumed run");
         }
@@ -141,9 +151,8 @@ impl Coordinator {
             if saved.get(&id) == Some(&json) {
                 continue;
             }
-            let path = self.inner.store.run_file(&id);
-            let bytes = json.clone();
-            tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            let (store, run_id, bytes) = (self.inner.store.clone(), id.clone(), json.clone());
+            tokio::task::spawn_blocking(move || store.save_run(&run_id, &bytes))
                 .await
                 .expect("save task")?;
             saved.insert(id, json);
@@ -157,8 +166,15 @@ impl Coordinator {
         self.save(all).await
     }
 
+    /// Registers a run under the id the loader gave, or under a fresh random one.
     pub async fn register_run(&self, req: &pb::RegisterRunRequest) -> Result<pb::RunStatus> {
-        self.with_state(|s| s.register_run(req)).await
+        let id = if req.run_id.is_empty() {
+            run_id::random()
+        } else {
+            req.run_id.clone()
+        };
+        self.with_state(|s| s.register_run(req.config.as_ref(), &id, now()))
+            .await
     }
 
     pub fn run_status(&self, run_id: &str, include_history: bool) -> Result<pb::RunStatus> {
@@ -190,12 +206,11 @@ impl Coordinator {
         &self,
         req: &pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse> {
-        self.with_state(|s| s.register_worker(req, Instant::now()))
-            .await
+        self.with_state(|s| s.register_worker(req, now())).await
     }
 
     pub async fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
-        self.with_state(|s| s.heartbeat(&req.run_id, &req.worker_id, Instant::now()))
+        self.with_state(|s| s.heartbeat(&req.run_id, &req.worker_id, now()))
             .await
     }
 
@@ -203,16 +218,14 @@ impl Coordinator {
         &self,
         req: &pb::ReportStepsRequest,
     ) -> Result<pb::ReportStepsResponse> {
-        self.with_state(|s| s.report_steps(req, Instant::now()))
-            .await
+        self.with_state(|s| s.report_steps(req, now())).await
     }
 
     pub async fn report_evaluation(
         &self,
         req: &pb::ReportEvaluationRequest,
     ) -> Result<pb::ReportEvaluationResponse> {
-        self.with_state(|s| s.report_evaluation(req, Instant::now()))
-            .await
+        self.with_state(|s| s.report_evaluation(req, now())).await
     }
 
     /// Checks a sync header before the tensors are read.
@@ -270,7 +283,7 @@ impl Coordinator {
                     samples: header.samples,
                     schema,
                 },
-                Instant::now(),
+                now(),
             )
         })
         .await?;
@@ -295,7 +308,7 @@ impl Coordinator {
             }
             tokio::select! {
                 changed = done.changed() => if changed.is_err() { return Err(CoordinatorError::ShuttingDown) },
-                _ = until_shutdown(&mut shutdown) => return Err(CoordinatorError::ShuttingDown),
+                _ = requested(&mut shutdown) => return Err(CoordinatorError::ShuttingDown),
             }
         }
     }
@@ -312,7 +325,7 @@ impl Coordinator {
     async fn complete_round(&self, job: RoundJob) {
         let (run_id, round) = (job.run_id.clone(), job.round);
         let id = checkpoint_id(round);
-        let path = self.inner.store.checkpoint_file(&run_id, &id);
+        let (store, saved_as) = (self.inner.store.clone(), id.clone());
         let mut metadata = job
             .uploads
             .first()
@@ -336,7 +349,7 @@ impl Coordinator {
                 .map(|(b, s)| (b.as_slice(), *s))
                 .collect();
             let average = weighted_average(&uploads, metadata)?;
-            write_atomic(&path, &average)?;
+            store.save_checkpoint(&job.run_id, &saved_as, &average)?;
             Ok(average)
         })
         .await
@@ -350,7 +363,7 @@ impl Coordinator {
                     size_bytes: average.len() as u64,
                 };
                 let removed = self
-                    .with_state(|s| Ok(s.finish_round(&run_id, round, checkpoint, Instant::now())))
+                    .with_state(|s| Ok(s.finish_round(&run_id, round, checkpoint, now())))
                     .await;
                 match removed {
                     Ok(removed) => {
@@ -380,7 +393,7 @@ impl Coordinator {
 
     /// Marks silent workers lost and completes the rounds that were waiting only on them.
     pub async fn sweep(&self) -> Result<()> {
-        let touched = self.with_state(|s| Ok(s.sweep(Instant::now()))).await?;
+        let touched = self.with_state(|s| Ok(s.sweep(now()))).await?;
         for run in touched {
             self.drive_round(&run);
         }
@@ -397,7 +410,7 @@ impl Coordinator {
                 _ = tick.tick() => if let Err(e) = self.sweep().await {
                     tracing::error!(error = %e, "saving state after marking lost workers");
                 },
-                _ = until_shutdown(&mut shutdown) => return,
+                _ = requested(&mut shutdown) => return,
             }
         }
     }

@@ -1,4 +1,6 @@
-//! The coordinator's error type and its mapping onto gRPC status codes.
+//! The coordinator's error type ([`CoordinatorError`]) and its mapping onto gRPC status codes,
+//! the one place that decides which code a refusal gets. It knows nothing of the client's
+//! errors (`flowers-coordinator-client`).
 
 use std::path::PathBuf;
 

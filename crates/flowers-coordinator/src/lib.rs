@@ -1,14 +1,17 @@
-//! The coordinator: run and worker state, epoch accounting, parameter averaging,
-//! checkpoints, the gRPC server and its client.
+//! The coordinator of a training run: run and worker state, epoch accounting, parameter
+//! averaging, checkpoints, and the gRPC server.
 //!
-//! - [`state`]: the pure state machine (runs, workers, rounds, epochs);
-//! - [`Coordinator`]: drives it, saves it under the state directory, averages rounds;
-//! - [`serve`]: the tonic server (auth, TLS, reflection, shutdown);
-//! - [`CoordinatorClient`]: what trainers, the loader and flowersctl use.
+//! - [`state`]: the pure state machine (runs, workers, rounds, epochs), time and ids passed in;
+//! - [`Coordinator`]: drives it, saves it under the state directory ([`Store`]), averages
+//!   rounds ([`tensors`]) off the async threads, fans events out to watchers;
+//! - [`serve`] / [`ServerHandle`]: the tonic server (auth, TLS, reflection, shutdown) over
+//!   [`CoordinatorService`];
+//! - [`CoordinatorError`]: what it refuses or fails at, as gRPC statuses.
 //!
-//! The round and epoch protocol a trainer follows is in this crate's README.md.
+//! The round and epoch protocol a trainer follows is in this crate's README.md. Clients use
+//! `flowers-coordinator-client`, which this crate must not depend on (only its `testing`
+//! helpers do), nor on any tensor library: tensors arrive as safetensors bytes.
 
-mod client;
 mod coordinator;
 mod error;
 mod server;
@@ -19,12 +22,8 @@ pub mod tensors;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use client::{
-    BearerToken, ClientConfig, ClientError, ClientResult, CoordinatorClient, RawClient,
-    RetryPolicy, WorkerInfo,
-};
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use error::{CoordinatorError, Result};
-pub use server::{serve, BearerAuth, ServeError, ServeOptions, ServerHandle, MAX_MESSAGE_BYTES};
-pub use service::{CoordinatorService, CHUNK_BYTES};
-pub use store::{write_atomic, Store};
+pub use server::{serve, BearerAuth, ServeError, ServeOptions, ServerHandle};
+pub use service::CoordinatorService;
+pub use store::Store;

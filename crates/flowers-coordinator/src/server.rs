@@ -1,9 +1,11 @@
-//! Serving: bearer-token check, optional TLS, reflection, message limits,
-//! the lost-worker sweeper, and graceful shutdown with a final save.
+//! Serving ([`serve`], [`ServerHandle`], [`ServeOptions`], [`ServeError`]): bearer-token check
+//! ([`BearerAuth`]), optional TLS, reflection, message limits, the lost-worker sweeper, and
+//! graceful shutdown with a final save. The shutdown request itself comes from the caller.
 
 use std::future::Future;
 
 use flowers_proto::v1::coordinator_server::CoordinatorServer;
+use flowers_proto::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
@@ -11,10 +13,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::coordinator::Coordinator;
-use crate::service::{CoordinatorService, CHUNK_BYTES};
-
-/// Largest gRPC message accepted or sent: a few tensor chunks' worth.
-pub const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_BYTES;
+use crate::service::CoordinatorService;
 
 /// Transport errors while serving.
 #[derive(Debug, thiserror::Error)]

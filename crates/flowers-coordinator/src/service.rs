@@ -1,22 +1,22 @@
-//! The gRPC layer: translates `flowers.v1.Coordinator` calls onto [`Coordinator`].
+//! The gRPC layer ([`CoordinatorService`]): translates `flowers.v1.Coordinator` calls onto
+//! [`Coordinator`] and streams tensors in [`CHUNK_BYTES`] chunks. It holds no state of its own.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use flowers_proto::v1 as pb;
 use flowers_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use flowers_proto::CHUNK_BYTES;
+use flowers_shutdown::requested;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{until_shutdown, Coordinator};
+use crate::coordinator::Coordinator;
 use crate::error::CoordinatorError;
 use crate::state::UploadPlan;
-
-/// Size of the data in each streamed chunk: well under the message limit.
-pub const CHUNK_BYTES: usize = 1 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -138,7 +138,7 @@ impl CoordinatorRpc for CoordinatorService {
             loop {
                 let next = tokio::select! {
                     next = events.recv() => next,
-                    _ = until_shutdown(&mut shutdown) => {
+                    _ = requested(&mut shutdown) => {
                         let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
                         return;
                     }

@@ -1,13 +1,16 @@
-//! On-disk layout under `--state-dir` and crash-safe writes.
+//! On-disk layout under `--state-dir` ([`Store`]), and crash-safe writes of its files. It
+//! moves bytes only: what a run's JSON or a checkpoint holds is not its business.
 //!
 //! ```text
 //! <state-dir>/runs/<run-id>/run.json                      run state (JSON)
 //! <state-dir>/runs/<run-id>/checkpoints/<id>.safetensors  averaged weights
 //! ```
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use atomic_write_file::AtomicWriteFile;
 
 use crate::error::{CoordinatorError, Result};
 
@@ -62,6 +65,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Saves run `run_id`'s state (JSON) as its `run.json`.
+    pub fn save_run(&self, run_id: &str, json: &[u8]) -> Result<()> {
+        write_atomic(&self.run_file(run_id), json)
+    }
+
+    /// Saves a checkpoint's safetensors bytes.
+    pub fn save_checkpoint(&self, run_id: &str, checkpoint_id: &str, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.checkpoint_file(run_id, checkpoint_id), bytes)
+    }
+
     pub fn remove(&self, path: &Path) {
         if let Err(e) = fs::remove_file(path) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -71,26 +84,18 @@ impl Store {
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new
-/// file: write a temporary sibling, fsync it, rename over, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file, creating
+/// the directory if needed. (atomic-write-file writes a uniquely named temporary sibling,
+/// fsyncs it, renames it over and fsyncs the directory.)
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| CoordinatorError::io("creating", dir, e))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        let mut file = AtomicWriteFile::open(path)?;
+        file.write_all(bytes)?;
+        file.commit()
     };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CoordinatorError::io("writing", path, e)
-    })
+    write().map_err(|e| CoordinatorError::io("writing", path, e))
 }
 
 #[cfg(test)]
@@ -102,8 +107,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let path = store.run_file("r1");
-        write_atomic(&path, b"one").unwrap();
-        write_atomic(&path, b"two").unwrap();
+        store.save_run("r1", b"one").unwrap();
+        store.save_run("r1", b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()

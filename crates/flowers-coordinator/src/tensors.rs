@@ -1,8 +1,9 @@
-//! Safetensors parsing, schema checks and the sample-weighted average of uploads.
+//! Safetensors parsing, schema checks and the sample-weighted average of uploads
+//! ([`TensorSpec`], [`schema_of`], [`check_schema`], [`weighted_average`]).
 //!
 //! Tensors reach the coordinator as safetensors bytes, so it needs no tensor
-//! library: it reads the little-endian payloads, averages in f64 and writes the
-//! result back in each tensor's own dtype.
+//! library (and must not depend on one): it reads the little-endian payloads,
+//! averages in f64 and writes the result back in each tensor's own dtype.
 
 use std::collections::HashMap;
 
@@ -221,52 +222,16 @@ pub fn weighted_average(
         .map_err(|e| CoordinatorError::Tensor(format!("serializing the average: {e}")))
 }
 
-/// A safetensors buffer of named f32 tensors `(name, shape, values)`, e.g. to build uploads in
-/// tests and tools without a tensor library.
-pub fn f32_safetensors(
-    tensors: &[(&str, Vec<usize>, Vec<f32>)],
-) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
-    let data: Vec<(&str, &[usize], Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, s, v)| {
-            (
-                *n,
-                s.as_slice(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views = data
-        .iter()
-        .map(|(n, s, d)| Ok((*n, TensorView::new(Dtype::F32, s.to_vec(), d)?)))
-        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    safetensors::serialize(views, None)
-}
-
-/// The values of the f32 tensor `name` in a safetensors buffer (the reverse of
-/// [`f32_safetensors`]).
-pub fn f32_values(
-    bytes: &[u8],
-    name: &str,
-) -> std::result::Result<Vec<f32>, safetensors::SafeTensorError> {
-    let tensors = SafeTensors::deserialize(bytes)?;
-    let view = tensors.tensor(name)?;
-    Ok(view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testing::{f32_safetensors, f32_values};
 
-    pub(crate) fn f32_tensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    fn f32_tensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
         f32_safetensors(tensors).unwrap()
     }
 
-    pub(crate) fn read_f32(bytes: &[u8], name: &str) -> Vec<f32> {
+    fn read_f32(bytes: &[u8], name: &str) -> Vec<f32> {
         f32_values(bytes, name).unwrap()
     }
 

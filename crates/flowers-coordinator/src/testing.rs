@@ -1,13 +1,15 @@
 //! For tests, here and in the services, that talk to a real coordinator over gRPC: a server on a
-//! free loopback port, and clients whose retries give up in seconds rather than after the
-//! production budget, so that a broken test fails fast.
+//! free loopback port, clients whose retries give up in seconds rather than after the
+//! production budget (so that a broken test fails fast), and safetensors buffers of f32
+//! tensors to upload without a tensor library. Behind the `testing` feature: not for
+//! production code.
 
 use std::time::Duration;
 
-use crate::{
-    ClientConfig, Coordinator, CoordinatorConfig, RetryPolicy, ServeError, ServeOptions,
-    ServerHandle,
-};
+use flowers_coordinator_client::{Backoff, ClientConfig};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::{Coordinator, CoordinatorConfig, ServeError, ServeOptions, ServerHandle};
 
 /// Serves a coordinator opened with `config` on a free loopback port, plain HTTP/2, requiring
 /// `token` where one is given.
@@ -26,9 +28,45 @@ pub async fn serve_on_free_port(
 pub fn client_config(server: &ServerHandle, token: Option<&str>) -> ClientConfig {
     ClientConfig::new(server.url())
         .token(token.map(Into::into))
-        .retry(RetryPolicy {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
+        .retry(Backoff {
+            initial: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
             give_up_after: Duration::from_secs(10),
         })
+}
+
+/// A safetensors buffer of named f32 tensors `(name, shape, values)`, to build uploads.
+pub fn f32_safetensors(
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
+    let data: Vec<(&str, &[usize], Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                *n,
+                s.as_slice(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, s, d)| Ok((*n, TensorView::new(Dtype::F32, s.to_vec(), d)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    safetensors::serialize(views, None)
+}
+
+/// The values of the f32 tensor `name` in a safetensors buffer (the reverse of
+/// [`f32_safetensors`]).
+pub fn f32_values(
+    bytes: &[u8],
+    name: &str,
+) -> std::result::Result<Vec<f32>, safetensors::SafeTensorError> {
+    let tensors = SafeTensors::deserialize(bytes)?;
+    let view = tensors.tensor(name)?;
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }

@@ -1,4 +1,11 @@
-//! Protobuf and gRPC types generated from `proto/flowers/v1`.
+//! The wire contract of `proto/flowers/v1`: the generated protobuf and gRPC types ([`v1`]),
+//! and the rules both ends of a connection share: the gRPC message limits
+//! ([`MAX_MESSAGE_BYTES`], [`CHUNK_BYTES`]), where interim evaluations fall
+//! ([`interim_evaluation_after`]) and what a run id is ([`run_id`]).
+//!
+//! It must not depend on any other crate of the workspace: they all depend on it.
+
+pub mod run_id;
 
 pub mod v1 {
     tonic::include_proto!("flowers.v1");
@@ -7,6 +14,12 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("flowers_descriptor");
 }
+
+/// Size of the data in each streamed tensor or checkpoint chunk: well under the message limit.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest gRPC message the coordinator and its clients accept or send: a few chunks' worth.
+pub const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_BYTES;
 
 /// Training batches of an epoch that must be trained before interim evaluation `part` of
 /// `evaluations_per_epoch` (1 ≤ part < n): `ceil(part * train_batches / n)`. The loader

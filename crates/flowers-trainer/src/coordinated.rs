@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowers_coordinator::{ClientConfig, ClientResult, CoordinatorClient, WorkerInfo};
+use flowers_coordinator_client::{ClientConfig, ClientResult, CoordinatorClient, WorkerInfo};
 use flowers_model::{tensor_file, Policy};
 use flowers_proto::v1 as pb;
 use tokio::sync::watch;

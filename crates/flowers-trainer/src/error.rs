@@ -19,7 +19,7 @@ pub enum TrainError {
     Broker(Box<flowers_broker::BrokerError>),
     /// Boxed like the broker's: gRPC statuses are large.
     #[error(transparent)]
-    Coordinator(Box<flowers_coordinator::ClientError>),
+    Coordinator(Box<flowers_coordinator_client::ClientError>),
     #[error(transparent)]
     Worker(#[from] WorkerGone),
     #[error(transparent)]
@@ -44,8 +44,8 @@ impl From<flowers_broker::BrokerError> for TrainError {
     }
 }
 
-impl From<flowers_coordinator::ClientError> for TrainError {
-    fn from(e: flowers_coordinator::ClientError) -> Self {
+impl From<flowers_coordinator_client::ClientError> for TrainError {
+    fn from(e: flowers_coordinator_client::ClientError) -> Self {
         TrainError::Coordinator(Box::new(e))
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flowers_coordinator::{serve, Coordinator, CoordinatorConfig, ServeOptions};
+use flowers_shutdown::Signals;
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -37,30 +38,6 @@ struct Args {
     /// Largest parameter upload accepted, in MiB.
     #[arg(long, env = "FLOWERS_MAX_UPLOAD_MIB", default_value_t = 2048)]
     max_upload_mib: u64,
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT"),
-        _ = term => tracing::info!("SIGTERM"),
-    }
 }
 
 #[tokio::main]
@@ -101,12 +78,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    serve(
-        coordinator,
-        listener,
-        ServeOptions { token, tls },
-        shutdown_signal(),
-    )
-    .await?;
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let shutdown = async move {
+        let signal = signals.recv().await;
+        tracing::info!("{signal}");
+    };
+    serve(coordinator, listener, ServeOptions { token, tls }, shutdown).await?;
     Ok(())
 }

@@ -5,12 +5,14 @@ mod predict;
 mod render;
 mod watch;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use atomic_write_file::AtomicWriteFile;
 use clap::{Parser, Subcommand};
-use flowers_coordinator::{ClientConfig, CoordinatorClient, RetryPolicy};
+use flowers_coordinator_client::{Backoff, ClientConfig, CoordinatorClient};
 use flowers_proto::v1 as pb;
 
 #[derive(Parser, Debug)]
@@ -119,9 +121,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     // An interactive tool should say quickly that the coordinator is down.
-    let retry = RetryPolicy {
-        initial_backoff: Duration::from_millis(200),
-        max_backoff: Duration::from_secs(1),
+    let retry = Backoff {
+        initial: Duration::from_millis(200),
+        max_delay: Duration::from_secs(1),
         give_up_after: Duration::from_secs(3),
     };
     let config = ClientConfig {
@@ -171,7 +173,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => {
             let (info, bytes) = client.get_checkpoint(&run, checkpoint.as_deref()).await?;
-            flowers_coordinator::write_atomic(&output, &bytes)?;
+            save_atomically(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
             println!(
                 "{} ({} bytes, epoch {}, round {}) -> {}",
                 info.checkpoint_id,
@@ -189,4 +192,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => predict::predict(&client, args).await?,
     }
     Ok(())
+}
+
+/// Writes `bytes` to `path` (creating its directory) so that an interrupted download leaves
+/// the old file or none, never a partial one.
+fn save_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = AtomicWriteFile::open(path)?;
+    file.write_all(bytes)?;
+    file.commit()
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 use clap::{ArgGroup, Args, ValueEnum};
-use flowers_coordinator::CoordinatorClient;
+use flowers_coordinator_client::CoordinatorClient;
 use flowers_dataset::ClassNames;
 use flowers_model::{
     build_model, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,

@@ -1,7 +1,7 @@
 //! `flowersctl watch`: live progress bars fed by WatchRun.
 
 use anyhow::Context;
-use flowers_coordinator::CoordinatorClient;
+use flowers_coordinator_client::CoordinatorClient;
 use flowers_proto::v1 as pb;
 use flowers_proto::v1::run_event::Event;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};

@@ -4,7 +4,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use flowers_coordinator::testing::{client_config, serve_on_free_port};
-use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
+use flowers_coordinator::{CoordinatorConfig, ServerHandle};
+use flowers_coordinator_client::{CoordinatorClient, WorkerInfo};
 use flowers_proto::v1 as pb;
 use safetensors::tensor::{Dtype, TensorView};
 

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use flowers_coordinator::testing::{client_config, serve_on_free_port};
-use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
+use flowers_coordinator::{CoordinatorConfig, ServerHandle};
+use flowers_coordinator_client::{CoordinatorClient, WorkerInfo};
 use flowers_model::{
     save_checkpoint, tensor_file, CheckpointMeta, InceptionV3, ModelConfig, Policy, Variant,
 };

@@ -3,13 +3,14 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flowers_broker::{connect, delete_run_queues, PublisherOptions, RunLayout, DEFAULT_BROKER_URL};
-use flowers_coordinator::{ClientConfig, CoordinatorClient};
+use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
 use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_loader::{
     evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, RunSummary,
 };
+use flowers_proto::run_id;
 use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;
 use tracing::info;
@@ -218,7 +219,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         evaluations_per_epoch == 1 || args.coordinator.is_some(),
         "--eval-every needs --coordinator: the coordinator asks trainers for interim evaluations"
     );
-    let run_id = args.run_id.unwrap_or_else(generated_run_id);
+    let run_id = args.run_id.unwrap_or_else(run_id::random);
     let cfg = LoaderConfig {
         data: args.input.data.clone(),
         labels: args.input.labels.clone(),
@@ -290,14 +291,6 @@ fn log_summary(s: &RunSummary) {
     );
 }
 
-fn generated_run_id() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("run-{secs}-{}", std::process::id())
-}
-
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let input = &args.input;
     let labels = Labels::from_mat_file(&input.labels)?;
@@ -324,7 +317,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || preprocess_archive(&data, &labels, &opts, &cache))
             .await??
     };
-    let run_id = format!("bench-{}", generated_run_id());
+    let run_id = format!("bench-{}", run_id::random());
     let report = publish_bench(
         &input.broker_url(),
         &run_id,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowers_broker::DEFAULT_BROKER_URL;
-use flowers_coordinator::{ClientConfig, WorkerInfo};
+use flowers_coordinator_client::{ClientConfig, WorkerInfo};
 use flowers_model::{OptimizerKind, Policy};
 use flowers_trainer::bench::{bench, BenchOptions};
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};

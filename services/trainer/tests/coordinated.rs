@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flowers_coordinator::testing::{client_config, serve_on_free_port};
-use flowers_coordinator::{CoordinatorClient, CoordinatorConfig, ServerHandle, WorkerInfo};
+use flowers_coordinator::{CoordinatorConfig, ServerHandle};
+use flowers_coordinator_client::{CoordinatorClient, WorkerInfo};
 use flowers_model::{tensor_file, Policy};
 use flowers_proto::v1 as pb;
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};

@@ -1,131 +1,21 @@
-//! A typed client of the coordinator for the loader, trainers and flowersctl:
-//! bearer token on every call, lazy (re)connection, and retries with
-//! exponential backoff while the coordinator is unreachable.
+//! The typed client: lazy (re)connection, and every call retried with the configured
+//! [`Backoff`](flowers_retry::Backoff) while the coordinator is unreachable.
 
 use std::future::Future;
 use std::time::Duration;
 
+use backon::Retryable;
 use flowers_proto::v1 as pb;
 use flowers_proto::v1::coordinator_client::CoordinatorClient as GrpcClient;
+use flowers_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use flowers_retry::Backoff;
 use tokio_stream::StreamExt;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::server::MAX_MESSAGE_BYTES;
-use crate::service::CHUNK_BYTES;
-
-/// Client-side failures.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("coordinator address {address:?}: {source}")]
-    Endpoint {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("the bearer token holds characters not allowed in gRPC metadata")]
-    BadToken,
-    // The status is not a #[source]: its text is already in this message.
-    #[error("coordinator call {call} failed: {} ({:?})", status.message(), status.code())]
-    Status { call: &'static str, status: Status },
-    #[error("coordinator call {call}: malformed stream: {message}")]
-    Stream { call: &'static str, message: String },
-}
-
-impl ClientError {
-    /// The gRPC status, when the coordinator (or transport) answered with one.
-    pub fn status(&self) -> Option<&Status> {
-        match self {
-            Self::Status { status, .. } => Some(status),
-            _ => None,
-        }
-    }
-
-    pub fn code(&self) -> Option<Code> {
-        self.status().map(Status::code)
-    }
-}
-
-pub type ClientResult<T> = Result<T, ClientError>;
-
-/// Retries of calls that failed because the coordinator was unreachable.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    /// Give up once this much time has passed since the first attempt.
-    pub give_up_after: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(10),
-            give_up_after: Duration::from_secs(300),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// No retries (e.g. for interactive tools).
-    pub fn none() -> Self {
-        Self {
-            initial_backoff: Duration::ZERO,
-            max_backoff: Duration::ZERO,
-            give_up_after: Duration::ZERO,
-        }
-    }
-}
-
-/// Where and how to reach the coordinator.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    /// `http://host:port` or `https://host:port`.
-    pub address: String,
-    pub token: Option<String>,
-    /// PEM CA certificate to trust for https (besides the system roots).
-    pub ca_cert: Option<Vec<u8>>,
-    pub retry: RetryPolicy,
-    pub connect_timeout: Duration,
-}
-
-impl ClientConfig {
-    pub fn new(address: impl Into<String>) -> Self {
-        Self {
-            address: address.into(),
-            token: None,
-            ca_cert: None,
-            retry: RetryPolicy::default(),
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-
-    pub fn token(mut self, token: Option<String>) -> Self {
-        self.token = token;
-        self
-    }
-
-    pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
-    }
-}
-
-/// Adds `authorization: Bearer <token>` to every request.
-#[derive(Clone)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+use crate::config::{BearerToken, ClientConfig};
+use crate::error::{ClientError, ClientResult};
 
 /// The generated client with the token interceptor, for calls not wrapped here.
 pub type RawClient = GrpcClient<InterceptedService<Channel, BearerToken>>;
@@ -142,7 +32,7 @@ pub struct WorkerInfo {
 #[derive(Clone)]
 pub struct CoordinatorClient {
     raw: RawClient,
-    retry: RetryPolicy,
+    retry: Backoff,
 }
 
 fn retryable(status: &Status) -> bool {
@@ -172,21 +62,13 @@ impl CoordinatorClient {
             }
             endpoint = endpoint.tls_config(tls).map_err(endpoint_err)?;
         }
-        let token = config
-            .token
-            .as_ref()
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| ClientError::BadToken)
-            })
-            .transpose()?;
-        let raw = GrpcClient::with_interceptor(endpoint.connect_lazy(), BearerToken(token))
+        let token = BearerToken::new(config.token.as_deref())?;
+        let raw = GrpcClient::with_interceptor(endpoint.connect_lazy(), token)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
             raw,
-            retry: config.retry.clone(),
+            retry: config.retry,
         })
     }
 
@@ -202,22 +84,14 @@ impl CoordinatorClient {
         F: FnMut(RawClient) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let start = tokio::time::Instant::now();
-        let mut backoff = self.retry.initial_backoff;
-        loop {
-            match call(self.raw.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(status)
-                    if retryable(&status)
-                        && start.elapsed() + backoff < self.retry.give_up_after =>
-                {
-                    tracing::warn!(call = name, error = %status.message(), retry_in = ?backoff, "coordinator unavailable");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.retry.max_backoff);
-                }
-                Err(status) => return Err(ClientError::Status { call: name, status }),
-            }
-        }
+        (|| call(self.raw.clone()))
+            .retry(self.retry)
+            .when(retryable)
+            .notify(|status, delay| {
+                tracing::warn!(call = name, error = %status.message(), retry_in = ?delay, "coordinator unavailable");
+            })
+            .await
+            .map_err(|status| ClientError::Status { call: name, status })
     }
 
     /// Registers a run (or re-registers the same config under `run_id`).
@@ -474,5 +348,41 @@ impl CoordinatorClient {
             });
         }
         Ok((info, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing listens on port 1 of the loopback interface.
+    const CLOSED: &str = "http://127.0.0.1:1";
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused() {
+        let config = ClientConfig::new(CLOSED).token(Some("two\nlines".into()));
+        assert!(matches!(
+            CoordinatorClient::connect(&config),
+            Err(ClientError::BadToken)
+        ));
+        let err = CoordinatorClient::connect(&ClientConfig::new("not a url")).err();
+        assert!(matches!(err, Some(ClientError::Endpoint { .. })), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_is_retried_until_the_budget_is_spent() {
+        let retry = Backoff {
+            initial: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            give_up_after: Duration::from_millis(100),
+        };
+        let client = CoordinatorClient::connect(&ClientConfig::new(CLOSED).retry(retry)).unwrap();
+        let started = std::time::Instant::now();
+        let err = client.list_runs().await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(30),
+            "slept 10 then 20 ms at least"
+        );
     }
 }
