@@ -25,7 +25,7 @@ pub enum TrainError {
     #[error(transparent)]
     Dataset(#[from] flowers_dataset::DatasetError),
     #[error(transparent)]
-    Preprocess(#[from] flowers_loader::preprocess::PreprocessError),
+    Preprocess(#[from] flowers_preprocess::PreprocessError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{path}: {source}")]

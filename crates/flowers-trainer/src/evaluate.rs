@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use flowers_dataset::{ClassNames, Labels, SetIds, SetName};
-use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_model::read_checkpoint_meta;
+use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use tch::Device;
 use tracing::{info, warn};
 
