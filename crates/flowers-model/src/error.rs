@@ -17,11 +17,11 @@ pub enum ModelError {
     },
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
-    #[error("unknown {what} {value:?} (expected one of: {expected})")]
+    #[error("unknown {what} {value:?} (expected one of: {})", expected.join(", "))]
     UnknownName {
         what: &'static str,
         value: String,
-        expected: &'static str,
+        expected: &'static [&'static str],
     },
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -30,6 +30,19 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// `value` is none of the `expected` names of a `what`.
+    pub(crate) fn unknown_name(
+        what: &'static str,
+        value: &str,
+        expected: &'static [&'static str],
+    ) -> Self {
+        ModelError::UnknownName {
+            what,
+            value: value.to_owned(),
+            expected,
+        }
+    }
+
     pub(crate) fn bad_file(path: &std::path::Path, message: impl Into<String>) -> Self {
         ModelError::BadFile {
             path: path.to_path_buf(),
