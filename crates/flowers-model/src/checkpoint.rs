@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use flowers_proto::checkpoint_format;
 use tch::nn::VarStore;
 use tch::Tensor;
 
@@ -30,7 +31,10 @@ pub struct CheckpointMeta {
 impl CheckpointMeta {
     fn to_map(&self) -> HashMap<String, String> {
         let mut m = HashMap::from([
-            ("format".to_string(), "flowers-checkpoint-v1".to_string()),
+            (
+                checkpoint_format::KEY.to_string(),
+                checkpoint_format::TRAINER.to_string(),
+            ),
             ("source".to_string(), "flowers checkpoint".to_string()),
             ("step".to_string(), self.step.to_string()),
             ("epoch".to_string(), self.epoch.to_string()),

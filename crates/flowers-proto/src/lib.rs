@@ -8,6 +8,18 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("flowers_descriptor");
 }
 
+/// `__metadata__.format` of the safetensors files that hold model tensors: which writer made a
+/// file, and so what it holds.
+pub mod checkpoint_format {
+    /// The metadata key.
+    pub const KEY: &str = "format";
+    /// A trainer's checkpoint: every model variable, the optimizer state and the position in
+    /// the run.
+    pub const TRAINER: &str = "flowers-checkpoint-v1";
+    /// The coordinator's average of a sync round: only the tensors workers exchange.
+    pub const AVERAGE: &str = "flowers-average-v1";
+}
+
 /// Training batches of an epoch that must be trained before interim evaluation `part` of
 /// `evaluations_per_epoch` (1 ≤ part < n): `ceil(part * train_batches / n)`. The loader
 /// publishes the evaluation's validation batches right after that many training batches,

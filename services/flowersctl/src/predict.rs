@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context};
 use clap::{ArgGroup, Args, ValueEnum};
 use flowers_coordinator::CoordinatorClient;
 use flowers_dataset::ClassNames;
+use flowers_proto::checkpoint_format;
 use flowers_model::{
     build_model, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,
     CheckpointMeta, InceptionV3, ModelConfig, Policy,
@@ -33,9 +34,6 @@ const BUNDLED_CLASS_NAMES: &str = include_str!("../cat_to_name.json");
 const DEFAULT_WEIGHTS: &str = "weights/inception_v3_tf2015.safetensors";
 /// Images per forward pass: bounds memory on long image lists.
 const BATCH: usize = 16;
-
-const FORMAT_CHECKPOINT: &str = "flowers-checkpoint-v1";
-const FORMAT_AVERAGE: &str = "flowers-average-v1";
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("model").required(true).args(["checkpoint", "run"])))]
@@ -98,13 +96,15 @@ enum CheckpointKind {
 
 fn checkpoint_kind(path: &Path) -> anyhow::Result<CheckpointKind> {
     let meta = tensor_file::read_metadata(path)?;
-    match meta.get("format").map(String::as_str) {
-        Some(FORMAT_CHECKPOINT) => Ok(CheckpointKind::Trainer(read_checkpoint_meta(path)?)),
-        Some(FORMAT_AVERAGE) => Ok(CheckpointKind::Average),
+    match meta.get(checkpoint_format::KEY).map(String::as_str) {
+        Some(checkpoint_format::TRAINER) => Ok(CheckpointKind::Trainer(read_checkpoint_meta(path)?)),
+        Some(checkpoint_format::AVERAGE) => Ok(CheckpointKind::Average),
         other => bail!(
             "{}: not a flowers checkpoint (__metadata__.format is {other:?}; expected \
-             {FORMAT_CHECKPOINT:?} from a trainer or {FORMAT_AVERAGE:?} from the coordinator)",
-            path.display()
+             {:?} from a trainer or {:?} from the coordinator)",
+            path.display(),
+            checkpoint_format::TRAINER,
+            checkpoint_format::AVERAGE
         ),
     }
 }
