@@ -3,7 +3,9 @@
 //! carries `variant`, so it can serve as `--weights` for a new run.
 
 use std::collections::HashMap;
+use std::num::ParseIntError;
 use std::path::Path;
+use std::str::FromStr;
 
 use flowers_proto::checkpoint_format;
 use tch::nn::VarStore;
@@ -50,23 +52,36 @@ impl CheckpointMeta {
     }
 
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
-        let get = |k: &str| {
-            m.get(k).ok_or_else(|| {
-                ModelError::bad_file(path, format!("not a checkpoint: __metadata__ has no {k:?}"))
+        let get = |key: &'static str| {
+            m.get(key).ok_or_else(|| ModelError::MissingMetadata {
+                path: path.to_path_buf(),
+                key,
             })
         };
-        fn num<T: std::str::FromStr>(path: &Path, k: &str, v: &str) -> Result<T, ModelError> {
-            v.parse().map_err(|_| {
-                ModelError::bad_file(path, format!("__metadata__.{k} = {v:?} is not a number"))
+        fn num<T: FromStr<Err = ParseIntError>>(
+            path: &Path,
+            key: &'static str,
+            value: &str,
+        ) -> Result<T, ModelError> {
+            value.parse().map_err(|source| ModelError::MetadataNumber {
+                path: path.to_path_buf(),
+                key,
+                value: value.to_owned(),
+                source,
             })
         }
-        let named =
-            |k: &str, e: ModelError| ModelError::bad_file(path, format!("__metadata__.{k}: {e}"));
+        let named = |key: &'static str| {
+            move |e: ModelError| ModelError::MetadataName {
+                path: path.to_path_buf(),
+                key,
+                source: Box::new(e),
+            }
+        };
         Ok(CheckpointMeta {
             step: num(path, "step", get("step")?)?,
             epoch: num(path, "epoch", get("epoch")?)?,
-            policy: get("policy")?.parse().map_err(|e| named("policy", e))?,
-            variant: get("variant")?.parse().map_err(|e| named("variant", e))?,
+            policy: get("policy")?.parse().map_err(named("policy"))?,
+            variant: get("variant")?.parse().map_err(named("variant"))?,
             num_classes: num(path, "num_classes", get("num_classes")?)?,
             img_size: num(path, "img_size", get("img_size")?)?,
             optimizer: m.get("optimizer").cloned(),
@@ -116,7 +131,10 @@ pub fn load_checkpoint(
         let src = file
             .tensors
             .get(&name)
-            .ok_or_else(|| ModelError::bad_file(path, format!("tensor {name} is missing")))?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            })?;
         if src.size() != var.size() {
             return Err(ModelError::shape_mismatch(
                 path,
@@ -132,10 +150,11 @@ pub fn load_checkpoint(
         match meta.optimizer.as_deref() {
             Some(saved) if saved == want => {}
             saved => {
-                return Err(ModelError::bad_file(
-                    path,
-                    format!("optimizer state is {saved:?}, the run uses {want:?}"),
-                ))
+                return Err(ModelError::OptimizerMismatch {
+                    path: path.to_path_buf(),
+                    saved: saved.map(str::to_owned),
+                    wanted: want,
+                })
             }
         }
         let state = file

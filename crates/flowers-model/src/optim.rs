@@ -244,18 +244,20 @@ impl Optimizer {
                 let mut buffers = Vec::with_capacity(names.len());
                 for b in names {
                     let key = format!("{pname}.{b}");
-                    let t = tensors.get(&key).ok_or_else(|| {
-                        ModelError::InvalidInput(format!(
-                            "{what}: optimizer state {key} is missing ({} state)",
-                            self.kind
-                        ))
-                    })?;
+                    let Some(t) = tensors.get(&key) else {
+                        return Err(ModelError::MissingOptimizerState {
+                            what: what.to_owned(),
+                            key,
+                            kind: self.kind,
+                        });
+                    };
                     if t.size() != param.size() {
-                        return Err(ModelError::InvalidInput(format!(
-                            "{what}: optimizer state {key} has shape {:?}, parameter has {:?}",
-                            t.size(),
-                            param.size()
-                        )));
+                        return Err(ModelError::OptimizerStateShape {
+                            what: what.to_owned(),
+                            key,
+                            state: t.size(),
+                            param: param.size(),
+                        });
                     }
                     buffers.push(t.to_device(param.device()).to_kind(param.kind()));
                 }

@@ -17,15 +17,14 @@ fn variant_from_metadata(
     path: &Path,
     meta: &std::collections::HashMap<String, String>,
 ) -> Result<Variant, ModelError> {
-    let v = meta.get("variant").ok_or_else(|| {
-        ModelError::bad_file(
-            path,
-            "no \"variant\" in __metadata__ (expected \"tf2015\" or \"torchvision\"; \
-             convert weights with scripts/convert_*.py)",
-        )
+    let v = meta.get("variant").ok_or_else(|| ModelError::NoVariant {
+        path: path.to_path_buf(),
     })?;
-    v.parse()
-        .map_err(|e| ModelError::bad_file(path, format!("__metadata__.variant: {e}")))
+    v.parse().map_err(|e| ModelError::MetadataName {
+        path: path.to_path_buf(),
+        key: "variant",
+        source: Box::new(e),
+    })
 }
 
 /// What [`load_pretrained`] did.
@@ -82,12 +81,10 @@ pub fn load_pretrained(vs: &tch::nn::VarStore, path: &Path) -> Result<Pretrained
                 ))
             }
             None => {
-                return Err(ModelError::bad_file(
-                    path,
-                    format!(
-                        "tensor {name} is missing (is this an InceptionV3 with torchvision names?)"
-                    ),
-                ))
+                return Err(ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name,
+                })
             }
         }
     }
