@@ -11,7 +11,7 @@ use flowers_proto::checkpoint_format;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::{tensor_file, ModelError, Optimizer, Policy, Variant};
+use crate::{copy_into_variables, tensor_file, ModelError, Optimizer, Policy, Variant};
 
 const OPTIM_PREFIX: &str = "optim.";
 
@@ -127,24 +127,20 @@ pub fn load_checkpoint(
 ) -> Result<CheckpointMeta, ModelError> {
     let file = tensor_file::read(path)?;
     let meta = CheckpointMeta::from_map(path, &file.metadata)?;
-    for (name, mut var) in vs.variables() {
-        let src = file
-            .tensors
-            .get(&name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-            })?;
-        if src.size() != var.size() {
-            return Err(ModelError::shape_mismatch(
-                path,
-                &name,
-                &src.size(),
-                &var.size(),
-            ));
-        }
-        tch::no_grad(|| var.f_copy_(src))?;
-    }
+    let saved = vs
+        .variables()
+        .into_keys()
+        .map(|name| {
+            file.tensors
+                .get_key_value(&name)
+                .map(|(name, t)| (name.as_str(), t))
+                .ok_or(ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    copy_into_variables(vs, path, saved)?;
     if let Some(opt) = optimizer {
         let want = opt.kind().name();
         match meta.optimizer.as_deref() {

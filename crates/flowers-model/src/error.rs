@@ -87,6 +87,8 @@ pub enum ModelError {
         file: Vec<i64>,
         model: Vec<i64>,
     },
+    #[error("{path}: tensor {name} is not a model variable")]
+    NotAVariable { path: PathBuf, name: String },
     #[error("{path}: optimizer state is {saved:?}, the run uses {wanted:?}")]
     OptimizerMismatch {
         path: PathBuf,

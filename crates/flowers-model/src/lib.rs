@@ -71,6 +71,7 @@ mod input;
 mod optim;
 mod schedule;
 pub mod tensor_file;
+mod variables;
 mod weights;
 
 pub use checkpoint::{load_checkpoint, read_checkpoint_meta, save_checkpoint, CheckpointMeta};
@@ -81,4 +82,5 @@ pub use inception::{
 pub use input::{flip_rows, to_model_input};
 pub use optim::{Optimizer, OptimizerKind, ParamGroup};
 pub use schedule::LrSchedule;
+pub use variables::copy_into_variables;
 pub use weights::{build_model, load_pretrained, read_variant, PretrainedInfo};

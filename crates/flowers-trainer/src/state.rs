@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use flowers_model::{
-    build_model, flip_rows, is_trunk_variable, load_checkpoint, read_checkpoint_meta,
+    build_model, copy_into_variables, flip_rows, is_trunk_variable, load_checkpoint, read_checkpoint_meta,
     save_checkpoint, tensor_file, to_model_input, CheckpointMeta, InceptionV3, ModelConfig,
     Optimizer, OptimizerKind, Policy, Variant,
 };
@@ -395,20 +395,11 @@ impl TrainState {
         what: &str,
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<(), TrainError> {
-        let vars = self.vs.variables();
-        for (name, t) in tensors {
-            let var = vars.get(name).ok_or_else(|| {
-                TrainError::Data(format!("{what}: tensor {name} is not a model variable"))
-            })?;
-            if var.size() != t.size() {
-                return Err(TrainError::Data(format!(
-                    "{what}: tensor {name} is {:?}, the model's {:?}",
-                    t.size(),
-                    var.size()
-                )));
-            }
-            tch::no_grad(|| var.shallow_clone().f_copy_(t))?;
-        }
+        copy_into_variables(
+            &self.vs,
+            Path::new(what),
+            tensors.iter().map(|(name, t)| (name.as_str(), t)),
+        )?;
         if tensors.keys().any(|n| is_trunk_variable(n)) {
             self.trunk_cache.clear();
         }

@@ -13,7 +13,6 @@
 //!   (whose metadata also gives the variant). Its class count is read off `fc.weight`; the image
 //!   size comes from the run's config (`--run`) or `--img-size`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
@@ -22,7 +21,7 @@ use flowers_coordinator::CoordinatorClient;
 use flowers_dataset::ClassNames;
 use flowers_proto::checkpoint_format;
 use flowers_model::{
-    build_model, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,
+    build_model, copy_into_variables, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,
     CheckpointMeta, InceptionV3, ModelConfig, Policy,
 };
 use tch::nn::VarStore;
@@ -161,24 +160,11 @@ fn load_average(
             path.display()
         )
     })?;
-    let vars: HashMap<String, Tensor> = vs.variables().into_iter().collect();
-    for (name, src) in &file.tensors {
-        let Some(var) = vars.get(name) else {
-            bail!(
-                "{}: tensor {name} is not a variable of InceptionV3",
-                path.display()
-            );
-        };
-        ensure!(
-            src.size() == var.size(),
-            "{}: tensor {name} has shape {:?}, the model needs {:?}",
-            path.display(),
-            src.size(),
-            var.size()
-        );
-        let mut var = var.shallow_clone();
-        tch::no_grad(|| var.f_copy_(src))?;
-    }
+    copy_into_variables(
+        &vs,
+        path,
+        file.tensors.iter().map(|(name, t)| (name.as_str(), t)),
+    )?;
     tracing::debug!(path = %path.display(), tensors = file.tensors.len(), "average applied");
     Ok(Loaded { _vs: vs, model })
 }
@@ -388,6 +374,7 @@ fn render_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn jpeg(width: usize, height: usize) -> Vec<u8> {
         let rgb: Vec<u8> = (0..width * height * 3)
