@@ -65,6 +65,7 @@
 //! running stats of training BatchNorms, which is what workers must average.
 
 mod checkpoint;
+mod device;
 mod error;
 mod inception;
 mod input;
@@ -75,6 +76,7 @@ mod variables;
 mod weights;
 
 pub use checkpoint::{load_checkpoint, read_checkpoint_meta, save_checkpoint, CheckpointMeta};
+pub use device::{DeviceChoice, DeviceError};
 pub use error::ModelError;
 pub use inception::{
     is_trunk_variable, InceptionV3, ModelConfig, Policy, Variant, REFERENCE_TRAINABLE_CONVS,

@@ -1,53 +1,9 @@
-//! Device choice, numeric precision and getting a uint8 NHWC batch onto the device.
+//! The trainer's compute: the GPU's name, numeric precision and getting a uint8 NHWC batch onto
+//! the device. Which device is [`flowers_model::DeviceChoice`]'s.
 
+use flowers_model::DeviceError;
 use strum::VariantNames;
 use tch::{Device, Kind, Tensor};
-
-/// Where the trainer computes: `auto` takes CUDA when libtorch sees a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, strum::EnumString, strum::VariantNames)]
-#[strum(
-    serialize_all = "lowercase",
-    parse_err_ty = DeviceError,
-    parse_err_fn = unknown_device
-)]
-pub enum DeviceChoice {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// The reply to an unusable `--device` or `--precision`.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("unknown {what} {given:?}: expected one of {}", expected.join(", "))]
-    Unknown {
-        what: &'static str,
-        given: String,
-        expected: &'static [&'static str],
-    },
-    #[error("--device cuda asked for, but libtorch sees no CUDA device")]
-    NoCuda,
-}
-
-fn unknown_device(given: &str) -> DeviceError {
-    DeviceError::Unknown {
-        what: "device",
-        given: given.to_owned(),
-        expected: DeviceChoice::VARIANTS,
-    }
-}
-
-impl DeviceChoice {
-    pub fn resolve(self) -> Result<Device, DeviceError> {
-        match self {
-            Self::Auto => Ok(Device::cuda_if_available()),
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            Self::Cuda => Err(DeviceError::NoCuda),
-        }
-    }
-}
 
 /// The GPU's name for the coordinator's worker list (`None` on the CPU or without
 /// `nvidia-smi`). libtorch has no call for it; `nvidia-smi` ignores CUDA_VISIBLE_DEVICES, so
@@ -166,11 +122,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_choices_and_rejects_others() {
-        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+    fn parses_precisions_and_rejects_others() {
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
-        let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
-        assert!(err.contains("\"tpu\"") && err.contains("cpu"), "{err}");
         assert!("fp16".parse::<Precision>().is_err());
     }
 

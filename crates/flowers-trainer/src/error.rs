@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
-use crate::device::DeviceError;
+use flowers_model::DeviceError;
+
 use crate::worker::WorkerGone;
 
 /// Everything that stops the trainer.

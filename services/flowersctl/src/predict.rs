@@ -16,14 +16,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{ArgGroup, Args};
 use flowers_coordinator::CoordinatorClient;
 use flowers_dataset::ClassNames;
 use flowers_proto::checkpoint_format;
 use flowers_model::{
     build_model, copy_into_variables, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,
-    CheckpointMeta, InceptionV3, ModelConfig, Policy,
+    CheckpointMeta, DeviceChoice, InceptionV3, ModelConfig, Policy,
 };
+use strum::{EnumMessage, IntoEnumIterator};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -60,30 +62,21 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 5)]
     top: usize,
     /// Where the model runs.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
+    #[arg(long, default_value = "auto", value_parser = device_values())]
+    device: DeviceChoice,
     /// One JSON array: per image its path and top classes (1-based class, name, probability).
     #[arg(long)]
     json: bool,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy)]
-enum DeviceArg {
-    /// CUDA when available, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceArg {
-    fn resolve(self) -> anyhow::Result<Device> {
-        Ok(match self {
-            Self::Auto => Device::cuda_if_available(),
-            Self::Cpu => Device::Cpu,
-            Self::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-            Self::Cuda => bail!("--device cuda: no CUDA device is available"),
-        })
-    }
+/// `--device`'s names and their help, as [`DeviceChoice`] has them.
+fn device_values() -> impl TypedValueParser<Value = DeviceChoice> {
+    let values = DeviceChoice::iter()
+        .map(|choice| PossibleValue::new(<&'static str>::from(choice)).help(choice.get_message()));
+    PossibleValuesParser::new(values).map(|name| {
+        name.parse::<DeviceChoice>()
+            .expect("every possible value is a DeviceChoice")
+    })
 }
 
 /// What the checkpoint file is, read from its header alone.
