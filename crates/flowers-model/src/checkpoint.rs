@@ -51,7 +51,7 @@ impl CheckpointMeta {
         m
     }
 
-    fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
+    pub(crate) fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
         let get = |key: &'static str| {
             m.get(key).ok_or_else(|| ModelError::MissingMetadata {
                 path: path.to_path_buf(),

@@ -6,6 +6,7 @@
 use std::num::ParseIntError;
 use std::path::{Path, PathBuf};
 
+use flowers_proto::checkpoint_format;
 use safetensors::tensor::Dtype;
 use tch::Kind;
 
@@ -110,6 +111,24 @@ pub enum ModelError {
     },
     #[error("invalid input: model input must be uint8 [N, H, W, 3], got {kind:?} {shape:?}")]
     InputLayout { kind: Kind, shape: Vec<i64> },
+    #[error(
+        "{path}: not a flowers checkpoint (__metadata__.format is {format:?}; expected {:?} \
+         from a trainer or {:?} from the coordinator)",
+        checkpoint_format::TRAINER,
+        checkpoint_format::AVERAGE
+    )]
+    NotACheckpoint {
+        path: PathBuf,
+        format: Option<String>,
+    },
+    #[error("{path}: the average has no fc.weight, so it carries no trained classifier")]
+    NoClassifier { path: PathBuf },
+    #[error("{path}: fc.weight has {found} classes, the run has {expected}")]
+    ClassCount {
+        path: PathBuf,
+        found: i64,
+        expected: i64,
+    },
     #[error("unknown {what} {value:?} (expected one of: {})", expected.join(", "))]
     UnknownName {
         what: &'static str,

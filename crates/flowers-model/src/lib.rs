@@ -68,6 +68,7 @@ mod checkpoint;
 mod device;
 mod error;
 mod inception;
+mod inference;
 mod input;
 mod optim;
 mod schedule;
@@ -81,6 +82,7 @@ pub use error::ModelError;
 pub use inception::{
     is_trunk_variable, InceptionV3, ModelConfig, Policy, Variant, REFERENCE_TRAINABLE_CONVS,
 };
+pub use inference::{CheckpointKind, Classifier};
 pub use input::{flip_rows, to_model_input};
 pub use optim::{Optimizer, OptimizerKind, ParamGroup};
 pub use schedule::LrSchedule;

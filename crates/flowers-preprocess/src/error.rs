@@ -28,6 +28,18 @@ pub enum PreprocessError {
     NotStored { number: u32 },
     #[error("output buffer holds {got} bytes, an image is {expected}")]
     BufferSize { expected: usize, got: usize },
+    #[error("reading {path}")]
+    ReadImage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not an image the loader's pipeline can read (JPEG expected)")]
+    Undecodable {
+        path: PathBuf,
+        #[source]
+        source: flowers_imaging::ImageError,
+    },
     #[error("invalid preprocessing options: {0}")]
     Options(String),
     #[error("cannot start decoding: {0}")]

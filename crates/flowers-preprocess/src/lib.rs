@@ -5,6 +5,8 @@
 //! [`preprocess_archive`] decodes the archive once, in parallel, into a disk-backed
 //! [`PixelStore`]; each epoch then reads fixed-size records back with positional reads.
 //!
+//! [`preprocess_files`] does the same to loose JPEG files, for inference.
+//!
 //! Main types: [`PreprocessOptions`], [`Preprocessed`] (the store and what went into it),
 //! [`PixelStore`], [`PreprocessError`].
 //!
@@ -12,10 +14,12 @@
 //! format or the model.
 
 mod error;
+mod files;
 mod pipeline;
 mod store;
 
 pub use error::PreprocessError;
+pub use files::preprocess_files;
 pub use pipeline::{
     preprocess_archive, run_pipeline, ImageInfo, PipelineOutcome, PreprocessOptions, Preprocessed,
     Skipped,
