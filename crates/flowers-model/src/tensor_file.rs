@@ -5,8 +5,10 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::Path;
 
+use atomic_write_file::AtomicWriteFile;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use tch::{Device, Kind, Tensor};
 
@@ -101,21 +103,19 @@ fn host_tensors<'a>(
     Ok(host)
 }
 
-/// Writes `tensors` (copied to host) and `metadata` to `path`, atomically (temp file + rename),
-/// so that a crash never leaves a truncated checkpoint under the final name.
+/// Writes `tensors` (copied to host) and `metadata` to `path` atomically: through a temporary
+/// file of a unique name, synced with its folder before and after the rename, so that a crash
+/// never leaves a truncated checkpoint under the final name.
 pub fn write<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     metadata: &HashMap<String, String>,
 ) -> Result<(), ModelError> {
-    let host = host_tensors(tensors, path)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::tensor::serialize_to_file(host.iter(), meta, &tmp)
-        .map_err(|source| ModelError::safetensors(&tmp, source))?;
-    std::fs::rename(&tmp, path).map_err(|source| ModelError::io(path, source))
+    let bytes = to_bytes(&path.display().to_string(), tensors, metadata)?;
+    let io = |source| ModelError::io(path, source);
+    let mut file = AtomicWriteFile::open(path).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.commit().map_err(io)
 }
 
 /// The safetensors bytes of `tensors` (copied to host) and `metadata`, e.g. to send over the
