@@ -1,5 +1,6 @@
-//! The errors of flowers-model (the InceptionV3 network, its weights files, checkpoints and
-//! optimizers): [`ModelError`]. A file's error names the file and what is wrong with it, and
+//! The errors of flowers-model (the InceptionV3 network, its weights files, checkpoints,
+//! optimizers and inference): [`ModelError`]; the device choice's own [`crate::DeviceError`] is
+//! in `device.rs`. A file's error names the file and what is wrong with it, and
 //! keeps the underlying error as its source. Like the rest of the crate, nothing here knows of
 //! the broker, the coordinator or the trainer's loop.
 
@@ -102,7 +103,9 @@ pub enum ModelError {
         key: String,
         kind: OptimizerKind,
     },
-    #[error("invalid input: {what}: optimizer state {key} has shape {state:?}, parameter has {param:?}")]
+    #[error(
+        "invalid input: {what}: optimizer state {key} has shape {state:?}, parameter has {param:?}"
+    )]
     OptimizerStateShape {
         what: String,
         key: String,

@@ -1,5 +1,13 @@
 //! InceptionV3 in tch (torchvision and tf2015 variants), pretrained weights, trainable policies,
-//! optimizers, learning-rate schedules and checkpoints for fine-tuning on Oxford 102 Flowers.
+//! optimizers, learning-rate schedules and checkpoints for fine-tuning on Oxford 102 Flowers; and
+//! the model plumbing its users share: choosing the device ([`DeviceChoice`]), overwriting
+//! variables with named tensors ([`copy_into_variables`]), safetensors files with metadata
+//! ([`tensor_file`]) and inference with a checkpoint ([`Classifier`]).
+//!
+//! Main types: [`InceptionV3`] and its [`ModelConfig`] ([`Variant`], [`Policy`]), [`Optimizer`]
+//! ([`OptimizerKind`]), [`CheckpointMeta`], [`Classifier`], [`ModelError`]. It must not depend on
+//! the broker, the coordinator or the trainer's loop; of the shared contract (flowers-proto) it
+//! takes only the checkpoint format names.
 //!
 //! # Use
 //! ```no_run

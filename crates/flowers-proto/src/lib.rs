@@ -1,4 +1,9 @@
-//! Protobuf and gRPC types generated from `proto/flowers/v1`.
+//! Protobuf and gRPC types generated from `proto/flowers/v1`, and the other names the services
+//! share: the checkpoint file formats and the interim evaluation schedule.
+//!
+//! Main items: [`v1`] (messages and services), [`checkpoint_format`],
+//! [`interim_evaluation_after`]. As the contract between the services, it must not depend on
+//! any of their crates.
 
 pub mod v1 {
     tonic::include_proto!("flowers.v1");
