@@ -8,7 +8,9 @@ use strum::VariantNames;
 use crate::TrainError;
 
 /// A named set of defaults; explicit options override them ([`Overrides`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display, strum::VariantNames)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display, strum::VariantNames,
+)]
 #[strum(
     serialize_all = "lowercase",
     parse_err_ty = TrainError,
@@ -187,6 +189,18 @@ impl Hyper {
         }
     }
 
+    /// What the phases of a run of `total_epochs` epochs train, in order.
+    pub fn policies(&self, total_epochs: u32) -> Vec<Policy> {
+        let mut policies: Vec<Policy> = Vec::new();
+        for epoch in 0..total_epochs {
+            let p = self.phase(epoch, total_epochs).policy;
+            if policies.last() != Some(&p) {
+                policies.push(p);
+            }
+        }
+        policies
+    }
+
     /// The phase that epoch `epoch` (0-based, as in the queue names) of a run with
     /// `total_epochs` epochs belongs to.
     pub fn phase(&self, epoch: u32, total_epochs: u32) -> Phase {
@@ -288,6 +302,8 @@ mod tests {
         assert_eq!(h.phase(0, 2).policy, Policy::Head);
         assert_eq!(h.phase(1, 2).policy, Policy::Top);
         assert_eq!(h.phase(0, 1).policy, Policy::Top);
+        assert_eq!(h.policies(warm + 4), [Policy::Head, Policy::Top]);
+        assert_eq!(h.policies(1), [Policy::Top]);
     }
 
     #[test]
