@@ -9,8 +9,8 @@ use flowers_broker::{
 use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::SplitStrategy;
 use flowers_e2e::{broker_url, loader_binary, unique_run_id, SmallDataset};
-use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_loader::{run, LoaderConfig};
+use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_wire::{Batch, Split};
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flowers_proto::run_id;
-use flowers_proto::v1 as pb;
+use flowers_proto::{checkpoint_format, run_id, v1 as pb};
 use flowers_shutdown::requested;
 use tokio::sync::{broadcast, watch};
 
@@ -332,7 +331,7 @@ impl Coordinator {
             .map(|(bytes, _)| model_metadata(bytes))
             .unwrap_or_default();
         metadata.extend([
-            ("format".to_owned(), "flowers-average-v1".to_owned()),
+            ("format".to_owned(), checkpoint_format::AVERAGE.to_owned()),
             ("run_id".to_owned(), run_id.clone()),
             ("round".to_owned(), round.to_string()),
             ("epoch".to_owned(), job.epoch.to_string()),

@@ -4,8 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use flowers_dataset::Labels;
-
-use crate::preprocess::{run_pipeline, PreprocessError, PreprocessOptions};
+use flowers_preprocess::{run_pipeline, PreprocessError, PreprocessOptions};
 
 /// Throughput of reading, decoding, cropping and resizing an archive.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,7 +16,7 @@ pub struct DecodeBenchReport {
 }
 
 /// Runs the archive through the same reading and decoding pipeline as
-/// [`crate::preprocess::preprocess_archive`], discarding the pixels instead of storing them.
+/// [`flowers_preprocess::preprocess_archive`], discarding the pixels instead of storing them.
 pub fn decode_bench(
     archive: &Path,
     labels: &Labels,

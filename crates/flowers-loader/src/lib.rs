@@ -11,7 +11,6 @@
 pub mod bench;
 mod pipeline;
 pub mod plan;
-pub mod preprocess;
 
 pub use pipeline::{
     evaluations_per_epoch, log_prepared, prepare, publish_bench, run, Assembler, EpochSummary,

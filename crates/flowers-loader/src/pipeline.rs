@@ -1,13 +1,13 @@
 //! The loader run: preprocess once, split, then publish every epoch's batches.
 
 use crate::plan::{EpochPlanner, PlannedBatch};
-use crate::preprocess::{
-    preprocess_archive, ImageInfo, PixelStore, PreprocessError, PreprocessOptions, Skipped,
-};
 use flowers_broker::{
     connect, delete_run_queues, BrokerError, Publisher, PublisherOptions, RunLayout,
 };
 use flowers_dataset::{split_images, DatasetError, Labels, SetIds, SplitStrategy};
+use flowers_preprocess::{
+    preprocess_archive, ImageInfo, PixelStore, PreprocessError, PreprocessOptions, Skipped,
+};
 use flowers_proto::v1::RunConfig;
 use flowers_wire::{build_batch, encode_batch, Batch, WireError};
 use std::collections::HashMap;

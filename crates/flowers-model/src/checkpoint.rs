@@ -3,12 +3,15 @@
 //! carries `variant`, so it can serve as `--weights` for a new run.
 
 use std::collections::HashMap;
+use std::num::ParseIntError;
 use std::path::Path;
+use std::str::FromStr;
 
+use flowers_proto::checkpoint_format;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use crate::{tensor_file, ModelError, Optimizer, Policy, Variant};
+use crate::{copy_into_variables, tensor_file, ModelError, Optimizer, Policy, Variant};
 
 const OPTIM_PREFIX: &str = "optim.";
 
@@ -30,7 +33,10 @@ pub struct CheckpointMeta {
 impl CheckpointMeta {
     fn to_map(&self) -> HashMap<String, String> {
         let mut m = HashMap::from([
-            ("format".to_string(), "flowers-checkpoint-v1".to_string()),
+            (
+                checkpoint_format::KEY.to_string(),
+                checkpoint_format::TRAINER.to_string(),
+            ),
             ("source".to_string(), "flowers checkpoint".to_string()),
             ("step".to_string(), self.step.to_string()),
             ("epoch".to_string(), self.epoch.to_string()),
@@ -45,24 +51,37 @@ impl CheckpointMeta {
         m
     }
 
-    fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
-        let get = |k: &str| {
-            m.get(k).ok_or_else(|| {
-                ModelError::bad_file(path, format!("not a checkpoint: __metadata__ has no {k:?}"))
+    pub(crate) fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self, ModelError> {
+        let get = |key: &'static str| {
+            m.get(key).ok_or_else(|| ModelError::MissingMetadata {
+                path: path.to_path_buf(),
+                key,
             })
         };
-        fn num<T: std::str::FromStr>(path: &Path, k: &str, v: &str) -> Result<T, ModelError> {
-            v.parse().map_err(|_| {
-                ModelError::bad_file(path, format!("__metadata__.{k} = {v:?} is not a number"))
+        fn num<T: FromStr<Err = ParseIntError>>(
+            path: &Path,
+            key: &'static str,
+            value: &str,
+        ) -> Result<T, ModelError> {
+            value.parse().map_err(|source| ModelError::MetadataNumber {
+                path: path.to_path_buf(),
+                key,
+                value: value.to_owned(),
+                source,
             })
         }
-        let named =
-            |k: &str, e: ModelError| ModelError::bad_file(path, format!("__metadata__.{k}: {e}"));
+        let named = |key: &'static str| {
+            move |e: ModelError| ModelError::MetadataName {
+                path: path.to_path_buf(),
+                key,
+                source: Box::new(e),
+            }
+        };
         Ok(CheckpointMeta {
             step: num(path, "step", get("step")?)?,
             epoch: num(path, "epoch", get("epoch")?)?,
-            policy: get("policy")?.parse().map_err(|e| named("policy", e))?,
-            variant: get("variant")?.parse().map_err(|e| named("variant", e))?,
+            policy: get("policy")?.parse().map_err(named("policy"))?,
+            variant: get("variant")?.parse().map_err(named("variant"))?,
             num_classes: num(path, "num_classes", get("num_classes")?)?,
             img_size: num(path, "img_size", get("img_size")?)?,
             optimizer: m.get("optimizer").cloned(),
@@ -108,30 +127,30 @@ pub fn load_checkpoint(
 ) -> Result<CheckpointMeta, ModelError> {
     let file = tensor_file::read(path)?;
     let meta = CheckpointMeta::from_map(path, &file.metadata)?;
-    for (name, mut var) in vs.variables() {
-        let src = file
-            .tensors
-            .get(&name)
-            .ok_or_else(|| ModelError::bad_file(path, format!("tensor {name} is missing")))?;
-        if src.size() != var.size() {
-            return Err(ModelError::shape_mismatch(
-                path,
-                &name,
-                &src.size(),
-                &var.size(),
-            ));
-        }
-        tch::no_grad(|| var.f_copy_(src))?;
-    }
+    let saved = vs
+        .variables()
+        .into_keys()
+        .map(|name| {
+            file.tensors
+                .get_key_value(&name)
+                .map(|(name, t)| (name.as_str(), t))
+                .ok_or(ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    copy_into_variables(vs, path, saved)?;
     if let Some(opt) = optimizer {
         let want = opt.kind().name();
         match meta.optimizer.as_deref() {
             Some(saved) if saved == want => {}
             saved => {
-                return Err(ModelError::bad_file(
-                    path,
-                    format!("optimizer state is {saved:?}, the run uses {want:?}"),
-                ))
+                return Err(ModelError::OptimizerMismatch {
+                    path: path.to_path_buf(),
+                    saved: saved.map(str::to_owned),
+                    wanted: want,
+                })
             }
         }
         let state = file

@@ -1,15 +1,24 @@
 //! InceptionV3 with torchvision's module names, in two variants and with trainable policies.
+//!
+//! The whole network is one file, longer than the others: its blocks are only built and run
+//! together, and it reads top to bottom like torchvision's `inception.py`, which is how it is
+//! checked.
 
-use std::fmt;
-use std::str::FromStr;
-
+use strum::VariantNames;
 use tch::nn::{self, Init};
 use tch::Tensor;
 
 use crate::{ModelError, ParamGroup};
 
 /// Which pretrained network the architecture reproduces; both share every parameter name/shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantNames,
+)]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = ModelError,
+    parse_err_fn = unknown_variant
+)]
 pub enum Variant {
     /// torchvision's `Inception3`: average pools count the zero padding.
     Torchvision,
@@ -18,38 +27,19 @@ pub enum Variant {
     Tf2015,
 }
 
-impl Variant {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Variant::Torchvision => "torchvision",
-            Variant::Tf2015 => "tf2015",
-        }
-    }
-}
-
-impl fmt::Display for Variant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Variant {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, ModelError> {
-        match s {
-            "torchvision" => Ok(Variant::Torchvision),
-            "tf2015" => Ok(Variant::Tf2015),
-            _ => Err(ModelError::UnknownName {
-                what: "variant",
-                value: s.to_string(),
-                expected: "torchvision, tf2015",
-            }),
-        }
-    }
+fn unknown_variant(value: &str) -> ModelError {
+    ModelError::unknown_name("variant", value, Variant::VARIANTS)
 }
 
 /// Which parameters train. See the crate docs for the Keras mapping of `Reference`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantNames,
+)]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = ModelError,
+    parse_err_fn = unknown_policy
+)]
 pub enum Policy {
     /// The Keras notebook: convolutions of the last 50 Keras layers, every BatchNorm's beta
     /// (all BatchNorms in training mode), and the head.
@@ -64,38 +54,8 @@ pub enum Policy {
     All,
 }
 
-impl Policy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::Reference => "reference",
-            Policy::Head => "head",
-            Policy::Top => "top",
-            Policy::All => "all",
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Policy {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, ModelError> {
-        match s {
-            "reference" => Ok(Policy::Reference),
-            "head" => Ok(Policy::Head),
-            "top" => Ok(Policy::Top),
-            "all" => Ok(Policy::All),
-            _ => Err(ModelError::UnknownName {
-                what: "policy",
-                value: s.to_string(),
-                expected: "reference, head, top, all",
-            }),
-        }
-    }
+fn unknown_policy(value: &str) -> ModelError {
+    ModelError::unknown_name("policy", value, Policy::VARIANTS)
 }
 
 /// Convolutions that the Keras notebook's `base.layers[-50:]` contains (Keras `conv2d_76`,

@@ -15,10 +15,10 @@ use crate::ModelError;
 pub fn to_model_input(batch: &Tensor, device: Device, flip: bool) -> Result<Tensor, ModelError> {
     let size = batch.size();
     if batch.kind() != Kind::Uint8 || size.len() != 4 || size[3] != 3 {
-        return Err(ModelError::InvalidInput(format!(
-            "model input must be uint8 [N, H, W, 3], got {:?} {size:?}",
-            batch.kind()
-        )));
+        return Err(ModelError::InputLayout {
+            kind: batch.kind(),
+            shape: size,
+        });
     }
     let x = batch
         .to_device(device)

@@ -1,5 +1,13 @@
 //! InceptionV3 in tch (torchvision and tf2015 variants), pretrained weights, trainable policies,
-//! optimizers, learning-rate schedules and checkpoints for fine-tuning on Oxford 102 Flowers.
+//! optimizers, learning-rate schedules and checkpoints for fine-tuning on Oxford 102 Flowers; and
+//! the model plumbing its users share: choosing the device ([`DeviceChoice`]), overwriting
+//! variables with named tensors ([`copy_into_variables`]), safetensors files with metadata
+//! ([`tensor_file`]) and inference with a checkpoint ([`Classifier`]).
+//!
+//! Main types: [`InceptionV3`] and its [`ModelConfig`] ([`Variant`], [`Policy`]), [`Optimizer`]
+//! ([`OptimizerKind`]), [`CheckpointMeta`], [`Classifier`], [`ModelError`]. It must not depend on
+//! the broker, the coordinator or the trainer's loop; of the shared contract (flowers-proto) it
+//! takes only the checkpoint format names.
 //!
 //! # Use
 //! ```no_run
@@ -65,20 +73,26 @@
 //! running stats of training BatchNorms, which is what workers must average.
 
 mod checkpoint;
+mod device;
 mod error;
 mod inception;
+mod inference;
 mod input;
 mod optim;
 mod schedule;
 pub mod tensor_file;
+mod variables;
 mod weights;
 
 pub use checkpoint::{load_checkpoint, read_checkpoint_meta, save_checkpoint, CheckpointMeta};
+pub use device::{DeviceChoice, DeviceError};
 pub use error::ModelError;
 pub use inception::{
     is_trunk_variable, InceptionV3, ModelConfig, Policy, Variant, REFERENCE_TRAINABLE_CONVS,
 };
+pub use inference::{CheckpointKind, Classifier};
 pub use input::{flip_rows, to_model_input};
 pub use optim::{Optimizer, OptimizerKind, ParamGroup};
 pub use schedule::LrSchedule;
+pub use variables::copy_into_variables;
 pub use weights::{build_model, load_pretrained, read_variant, PretrainedInfo};

@@ -2,15 +2,29 @@
 //! state. Update rules follow `torch.optim` (single-tensor path) exactly.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::str::FromStr;
 
+use strum::VariantNames;
 use tch::Tensor;
 
 use crate::ModelError;
 
-/// Update rule and its hyper-parameters (torch defaults via the constructors).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Update rule and its hyper-parameters (torch defaults via the constructors). Its name (as
+/// shown, parsed and saved in checkpoints) is the lowercase variant name: `adamax`, `adam`,
+/// `sgd`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, strum::Display, strum::IntoStaticStr, strum::EnumDiscriminants,
+)]
+#[strum(serialize_all = "lowercase")]
+#[strum_discriminants(
+    name(OptimizerName),
+    derive(strum::EnumString, strum::VariantNames),
+    strum(
+        serialize_all = "lowercase",
+        parse_err_ty = ModelError,
+        parse_err_fn = unknown_optimizer
+    )
+)]
 pub enum OptimizerKind {
     /// `torch.optim.Adamax`.
     Adamax {
@@ -72,11 +86,7 @@ impl OptimizerKind {
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            OptimizerKind::Adamax { .. } => "adamax",
-            OptimizerKind::Adam { .. } => "adam",
-            OptimizerKind::Sgd { .. } => "sgd",
-        }
+        self.into()
     }
 
     fn weight_decay(&self) -> f64 {
@@ -98,26 +108,19 @@ impl OptimizerKind {
     }
 }
 
-impl fmt::Display for OptimizerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+fn unknown_optimizer(value: &str) -> ModelError {
+    ModelError::unknown_name("optimizer", value, OptimizerName::VARIANTS)
 }
 
 /// Parses `adamax`, `adam` or `sgd` (momentum 0.9) with torch's other defaults.
 impl FromStr for OptimizerKind {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        match s {
-            "adamax" => Ok(OptimizerKind::adamax()),
-            "adam" => Ok(OptimizerKind::adam()),
-            "sgd" => Ok(OptimizerKind::sgd(0.9)),
-            _ => Err(ModelError::UnknownName {
-                what: "optimizer",
-                value: s.to_string(),
-                expected: "adamax, adam, sgd",
-            }),
-        }
+        Ok(match s.parse::<OptimizerName>()? {
+            OptimizerName::Adamax => OptimizerKind::adamax(),
+            OptimizerName::Adam => OptimizerKind::adam(),
+            OptimizerName::Sgd => OptimizerKind::sgd(0.9),
+        })
     }
 }
 
@@ -241,18 +244,20 @@ impl Optimizer {
                 let mut buffers = Vec::with_capacity(names.len());
                 for b in names {
                     let key = format!("{pname}.{b}");
-                    let t = tensors.get(&key).ok_or_else(|| {
-                        ModelError::InvalidInput(format!(
-                            "{what}: optimizer state {key} is missing ({} state)",
-                            self.kind
-                        ))
-                    })?;
+                    let Some(t) = tensors.get(&key) else {
+                        return Err(ModelError::MissingOptimizerState {
+                            what: what.to_owned(),
+                            key,
+                            kind: self.kind,
+                        });
+                    };
                     if t.size() != param.size() {
-                        return Err(ModelError::InvalidInput(format!(
-                            "{what}: optimizer state {key} has shape {:?}, parameter has {:?}",
-                            t.size(),
-                            param.size()
-                        )));
+                        return Err(ModelError::OptimizerStateShape {
+                            what: what.to_owned(),
+                            key,
+                            state: t.size(),
+                            param: param.size(),
+                        });
                     }
                     buffers.push(t.to_device(param.device()).to_kind(param.kind()));
                 }

@@ -5,8 +5,10 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::Path;
 
+use atomic_write_file::AtomicWriteFile;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use tch::{Device, Kind, Tensor};
 
@@ -74,8 +76,10 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 
 fn to_host(name: &str, t: &Tensor, path: &Path) -> Result<HostTensor, ModelError> {
     let kind = t.kind();
-    let dtype = dtype_of(kind).ok_or_else(|| {
-        ModelError::bad_file(path, format!("tensor {name}: cannot store dtype {kind:?}"))
+    let dtype = dtype_of(kind).ok_or_else(|| ModelError::UnstorableKind {
+        path: path.to_path_buf(),
+        name: name.to_owned(),
+        kind,
     })?;
     let t = t.detach().to_device(Device::Cpu).contiguous();
     let numel = t.numel();
@@ -99,28 +103,19 @@ fn host_tensors<'a>(
     Ok(host)
 }
 
-/// Writes `tensors` (copied to host) and `metadata` to `path`, atomically (temp file + rename),
-/// so that a crash never leaves a truncated checkpoint under the final name.
+/// Writes `tensors` (copied to host) and `metadata` to `path` atomically: through a temporary
+/// file of a unique name, synced with its folder before and after the rename, so that a crash
+/// never leaves a truncated checkpoint under the final name.
 pub fn write<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     metadata: &HashMap<String, String>,
 ) -> Result<(), ModelError> {
-    let host = host_tensors(tensors, path)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::tensor::serialize_to_file(host.iter(), meta, &tmp).map_err(|source| {
-        ModelError::SafeTensors {
-            path: tmp.clone(),
-            source,
-        }
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    let bytes = to_bytes(&path.display().to_string(), tensors, metadata)?;
+    let io = |source| ModelError::io(path, source);
+    let mut file = AtomicWriteFile::open(path).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.commit().map_err(io)
 }
 
 /// The safetensors bytes of `tensors` (copied to host) and `metadata`, e.g. to send over the
@@ -133,39 +128,28 @@ pub fn to_bytes<'a>(
     let path = Path::new(what);
     let host = host_tensors(tensors, path)?;
     let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::tensor::serialize(host.iter(), meta).map_err(|source| ModelError::SafeTensors {
-        path: path.to_path_buf(),
-        source,
-    })
+    safetensors::tensor::serialize(host.iter(), meta)
+        .map_err(|source| ModelError::safetensors(path, source))
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelError> {
-    std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| ModelError::io(path, source))
 }
 
 /// Reads only the metadata of a safetensors file.
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError> {
     use std::io::Read;
     // Only the header is needed; weights files are large.
-    let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| ModelError::io(path, source);
+    let mut file = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(io)?;
     let n = u64::from_le_bytes(len);
     if n > 100 << 20 {
-        return Err(ModelError::bad_file(
-            path,
-            format!("header length {n} is implausible"),
-        ));
+        return Err(ModelError::HeaderLength {
+            path: path.to_path_buf(),
+            length: n,
+        });
     }
     let mut buf = len.to_vec();
     buf.resize(8 + n as usize, 0);
@@ -179,18 +163,26 @@ fn parse_header_metadata(
     path: &Path,
     header: &[u8],
 ) -> Result<HashMap<String, String>, ModelError> {
-    let text = std::str::from_utf8(header)
-        .map_err(|_| ModelError::bad_file(path, "safetensors header is not UTF-8"))?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ModelError::bad_file(path, format!("safetensors header is not JSON: {e}")))?;
+    let text = std::str::from_utf8(header).map_err(|source| ModelError::HeaderNotUtf8 {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| ModelError::HeaderNotJson {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut out = HashMap::new();
     if let Some(meta) = value.get("__metadata__") {
         let obj = meta
             .as_object()
-            .ok_or_else(|| ModelError::bad_file(path, "__metadata__ is not an object"))?;
+            .ok_or_else(|| ModelError::MetadataNotObject {
+                path: path.to_path_buf(),
+            })?;
         for (k, v) in obj {
-            let v = v.as_str().ok_or_else(|| {
-                ModelError::bad_file(path, format!("__metadata__.{k} is not a string"))
+            let v = v.as_str().ok_or_else(|| ModelError::MetadataNotString {
+                path: path.to_path_buf(),
+                key: k.clone(),
             })?;
             out.insert(k.clone(), v.to_string());
         }
@@ -205,22 +197,15 @@ pub fn read(path: &Path) -> Result<TensorFile, ModelError> {
 
 /// Parses safetensors bytes (tensors onto the CPU); `path` names them in errors.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TensorFile, ModelError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|source| ModelError::SafeTensors {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::safetensors(path, e))?;
     let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|source| ModelError::SafeTensors {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        SafeTensors::read_metadata(bytes).map_err(|e| ModelError::safetensors(path, e))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| {
-            ModelError::bad_file(
-                path,
-                format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
-            )
+        let kind = kind_of(view.dtype()).ok_or_else(|| ModelError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            dtype: view.dtype(),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use crate::{tensor_file, InceptionV3, ModelConfig, ModelError, Variant};
+use crate::{copy_into_variables, tensor_file, InceptionV3, ModelConfig, ModelError, Variant};
 
 /// The variant recorded in a weights file's metadata.
 pub fn read_variant(path: &Path) -> Result<Variant, ModelError> {
@@ -17,15 +17,14 @@ fn variant_from_metadata(
     path: &Path,
     meta: &std::collections::HashMap<String, String>,
 ) -> Result<Variant, ModelError> {
-    let v = meta.get("variant").ok_or_else(|| {
-        ModelError::bad_file(
-            path,
-            "no \"variant\" in __metadata__ (expected \"tf2015\" or \"torchvision\"; \
-             convert weights with scripts/convert_*.py)",
-        )
+    let v = meta.get("variant").ok_or_else(|| ModelError::NoVariant {
+        path: path.to_path_buf(),
     })?;
-    v.parse()
-        .map_err(|e| ModelError::bad_file(path, format!("__metadata__.variant: {e}")))
+    v.parse().map_err(|e| ModelError::MetadataName {
+        path: path.to_path_buf(),
+        key: "variant",
+        source: Box::new(e),
+    })
 }
 
 /// What [`load_pretrained`] did.
@@ -63,34 +62,25 @@ pub fn load_pretrained(vs: &tch::nn::VarStore, path: &Path) -> Result<Pretrained
     let variant = variant_from_metadata(path, &file.metadata)?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut loaded = 0;
+    let mut backbone = Vec::new();
     let mut kept_initial = Vec::new();
-    for (name, mut var) in vars {
+    for (name, var) in &vars {
         let is_head = name == "fc.weight" || name == "fc.bias";
-        match file.tensors.get(&name) {
-            Some(src) if src.size() == var.size() => {
-                tch::no_grad(|| var.f_copy_(src))?;
-                loaded += 1;
+        match file.tensors.get_key_value(name) {
+            Some((name, src)) if !is_head || src.size() == var.size() => {
+                backbone.push((name.as_str(), src))
             }
-            Some(_) | None if is_head => kept_initial.push(name),
-            Some(src) => {
-                return Err(ModelError::shape_mismatch(
-                    path,
-                    &name,
-                    &src.size(),
-                    &var.size(),
-                ))
-            }
-            None => {
-                return Err(ModelError::bad_file(
-                    path,
-                    format!(
-                        "tensor {name} is missing (is this an InceptionV3 with torchvision names?)"
-                    ),
-                ))
+            _ if is_head => kept_initial.push(name.clone()),
+            _ => {
+                return Err(ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                })
             }
         }
     }
+    copy_into_variables(vs, path, backbone.iter().copied())?;
+    let loaded = backbone.len();
     let source = file.metadata.get("source").cloned();
     tracing::info!(
         path = %path.display(), %variant, loaded, kept_initial = ?kept_initial,

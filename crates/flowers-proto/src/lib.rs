@@ -1,7 +1,8 @@
 //! The wire contract of `proto/flowers/v1`: the generated protobuf and gRPC types ([`v1`]),
 //! and the rules both ends of a connection share: the gRPC message limits
 //! ([`MAX_MESSAGE_BYTES`], [`CHUNK_BYTES`]), where interim evaluations fall
-//! ([`interim_evaluation_after`]) and what a run id is ([`run_id`]).
+//! ([`interim_evaluation_after`]), what a run id is ([`run_id`]) and the checkpoint file
+//! formats ([`checkpoint_format`]).
 //!
 //! It must not depend on any other crate of the workspace: they all depend on it.
 
@@ -20,6 +21,18 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Largest gRPC message the coordinator and its clients accept or send: a few chunks' worth.
 pub const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_BYTES;
+
+/// `__metadata__.format` of the safetensors files that hold model tensors: which writer made a
+/// file, and so what it holds.
+pub mod checkpoint_format {
+    /// The metadata key.
+    pub const KEY: &str = "format";
+    /// A trainer's checkpoint: every model variable, the optimizer state and the position in
+    /// the run.
+    pub const TRAINER: &str = "flowers-checkpoint-v1";
+    /// The coordinator's average of a sync round: only the tensors workers exchange.
+    pub const AVERAGE: &str = "flowers-average-v1";
+}
 
 /// Training batches of an epoch that must be trained before interim evaluation `part` of
 /// `evaluations_per_epoch` (1 ≤ part < n): `ceil(part * train_batches / n)`. The loader

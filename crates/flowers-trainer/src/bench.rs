@@ -7,8 +7,9 @@ use std::time::Instant;
 use flowers_model::{OptimizerKind, Policy, Variant};
 use tch::{Device, Kind, Tensor};
 
+use crate::batch::BatchView;
 use crate::device::Precision;
-use crate::state::{BatchView, ModelOptions, TrainState};
+use crate::state::{ModelOptions, TrainState};
 use crate::TrainError;
 
 #[derive(Debug, Clone)]

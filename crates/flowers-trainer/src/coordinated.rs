@@ -18,8 +18,10 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 use tracing::{info, warn};
 
+use crate::coordination::Coordination;
+use crate::directives::{asked_evaluation, eval_order, interim_part, stage_over};
 use crate::metrics::{BatchEval, EvalMetrics, StepMetrics};
-use crate::run::{Coordination, Stage, StageContext};
+use crate::progress::EpochProgress;
 use crate::state::TrainState;
 use crate::worker::Worker;
 use crate::TrainError;
@@ -95,6 +97,8 @@ async fn heartbeats(
 /// A trainer working on a run with others, under a coordinator (see the module docs).
 pub struct Coordinated {
     link: Link,
+    /// The training thread, from [`Coordination::started`] on: rounds exchange its parameters.
+    model: Option<Arc<Worker<TrainState>>>,
     registration: pb::RegisterWorkerResponse,
     config: pb::RunConfig,
     directives: Arc<watch::Sender<pb::HeartbeatResponse>>,
@@ -112,11 +116,6 @@ pub struct Coordinated {
     metadata: HashMap<String, String>,
     /// The latest evaluation this worker saw complete, by [`eval_order`].
     validated: Option<(u32, u32)>,
-}
-
-/// Orders an epoch's evaluations: the interim parts 1, 2, .. first, its end (part 0) last.
-fn eval_order(epoch: u32, part: u32) -> (u32, u32) {
-    (epoch, if part == 0 { u32::MAX } else { part })
 }
 
 impl Drop for Coordinated {
@@ -144,11 +143,9 @@ impl Coordinated {
                 other => break other?,
             }
         };
-        let malformed = |what: &str| {
-            TrainError::Data(format!(
-                "the coordinator's registration of run {} has no {what}",
-                opts.run_id
-            ))
+        let malformed = |missing| TrainError::Registration {
+            run_id: opts.run_id.clone(),
+            missing,
         };
         let run = registration
             .run
@@ -179,6 +176,7 @@ impl Coordinated {
         );
         Ok(Self {
             link,
+            model: None,
             registration,
             config,
             directives,
@@ -223,6 +221,12 @@ impl Coordinated {
         Ok(self.link.client.get_run(&self.link.run_id, false).await?)
     }
 
+    fn model(&self) -> &Worker<TrainState> {
+        self.model
+            .as_deref()
+            .expect("the loop starts the coordination before it asks for rounds")
+    }
+
     fn directives(&self) -> pb::HeartbeatResponse {
         *self.directives.borrow()
     }
@@ -230,11 +234,7 @@ impl Coordinated {
     /// The evaluation the coordinator asks for, as (epoch, part), unless this worker already
     /// saw it complete.
     fn asked_evaluation(&self) -> Option<(u32, u32)> {
-        let d = self.directives();
-        let epoch = d.evaluate_epoch_plus_one.checked_sub(1)?;
-        let asked = (epoch, d.evaluate_part);
-        let seen = self.validated >= Some(eval_order(epoch, d.evaluate_part));
-        (!seen).then_some(asked)
+        asked_evaluation(&self.directives(), self.validated)
     }
 
     /// Heartbeats now, for fresh directives.
@@ -245,41 +245,33 @@ impl Coordinated {
     }
 
     /// Loads safetensors bytes of averaged tensors (`what` names them in errors) into the model.
-    async fn load(
-        &self,
-        worker: &Worker<TrainState>,
-        what: String,
-        bytes: &[u8],
-    ) -> Result<(), TrainError> {
+    async fn load(&self, what: String, bytes: &[u8]) -> Result<(), TrainError> {
         let file = tensor_file::from_bytes(Path::new(&what), bytes)?;
         if let (Some(theirs), Some(ours)) =
             (file.metadata.get("variant"), self.metadata.get("variant"))
         {
             if theirs != ours {
-                return Err(TrainError::Data(format!(
-                    "{what} is of the {theirs} variant, this trainer's model {ours}: start it with the run's weights"
-                )));
+                return Err(TrainError::VariantMismatch {
+                    what,
+                    theirs: theirs.clone(),
+                    ours: ours.clone(),
+                });
             }
         }
-        worker
+        self.model()
             .call(move |st| st.load_tensors(&what, &file.tensors))
             .await??;
         Ok(())
     }
 
     /// Downloads checkpoint `id` of the run and loads it into the model.
-    async fn load_checkpoint(
-        &mut self,
-        worker: &Worker<TrainState>,
-        id: &str,
-    ) -> Result<(), TrainError> {
+    async fn load_checkpoint(&mut self, id: &str) -> Result<(), TrainError> {
         let (info, bytes) = self
             .link
             .client
             .get_checkpoint(&self.link.run_id, Some(id))
             .await?;
         self.load(
-            worker,
             format!(
                 "checkpoint {} of run {}",
                 info.checkpoint_id, self.link.run_id
@@ -294,14 +286,15 @@ impl Coordinated {
 
     /// Joins the sync round the directives show, if this worker has not sent for it yet:
     /// sends the parameters, waits for the round's average and loads it.
-    async fn join_round(&mut self, worker: &Worker<TrainState>) -> Result<(), TrainError> {
+    async fn join_round(&mut self) -> Result<(), TrainError> {
         let round = self.directives().sync_round;
         if round == 0 || round <= self.synced_round {
             return Ok(());
         }
         let started = Instant::now();
         let (names, metadata) = (self.sync_names.clone(), self.metadata.clone());
-        let bytes: bytes::Bytes = worker
+        let bytes: bytes::Bytes = self
+            .model()
             .call(move |st| st.tensors_bytes(&names, &metadata))
             .await??
             .into();
@@ -325,12 +318,8 @@ impl Coordinated {
             .await;
         match result {
             Ok(average) => {
-                self.load(
-                    worker,
-                    format!("the average of sync round {round}"),
-                    &average,
-                )
-                .await?;
+                self.load(format!("the average of sync round {round}"), &average)
+                    .await?;
                 self.samples = 0;
                 self.synced_round = round;
                 self.loaded_round = Some(round);
@@ -354,11 +343,12 @@ impl Coordinated {
 impl Coordination for Coordinated {
     async fn started(
         &mut self,
-        worker: &Worker<TrainState>,
+        model: &Arc<Worker<TrainState>>,
         policies: &[Policy],
     ) -> Result<(), TrainError> {
+        self.model = Some(model.clone());
         let policies = policies.to_vec();
-        let (names, variant, num_classes) = worker
+        let (names, variant, num_classes) = model
             .call(move |st| {
                 (
                     st.sync_names(&policies),
@@ -383,46 +373,38 @@ impl Coordination for Coordinated {
         let checkpoint = self.registration.checkpoint_id.clone();
         if !checkpoint.is_empty() {
             // The run is under way: start from its latest average.
-            self.load_checkpoint(worker, &checkpoint).await?;
+            self.load_checkpoint(&checkpoint).await?;
         }
         Ok(())
     }
 
-    async fn stage_done(&mut self, ctx: StageContext<'_>) -> Result<bool, TrainError> {
-        if ctx.idle {
+    async fn stage_done(
+        &mut self,
+        progress: &EpochProgress,
+        idle: bool,
+    ) -> Result<bool, TrainError> {
+        if idle {
             // Waiting at an epoch's end (or for batches): learn of the epoch-end round, the
             // evaluation and the next epoch within a poll, not a heartbeat interval.
             self.refresh().await?;
         }
-        self.join_round(ctx.worker).await?;
+        self.join_round().await?;
         let d = self.directives();
-        match pb::RunState::try_from(d.run_state) {
-            Ok(pb::RunState::Finished) => return Ok(true),
-            Ok(pb::RunState::Failed) => {
-                return Err(TrainError::Data(format!(
-                    "run {} failed at the coordinator",
-                    self.link.run_id
-                )))
-            }
-            _ => {}
+        if d.run_state == pb::RunState::Failed as i32 {
+            return Err(TrainError::RunFailed {
+                run_id: self.link.run_id.clone(),
+            });
         }
-        let (epoch, part) = (ctx.progress.epoch, ctx.progress.eval_part);
-        Ok(match ctx.progress.stage {
-            // Over once the epoch-end round is done (validation asked) or the run moved on.
-            Stage::Train => d.current_epoch > epoch || self.asked_evaluation() == Some((epoch, 0)),
-            // Over once every validation batch is counted, whoever evaluated it: this worker's
-            // last report said so, or the coordinator asks for something else now.
-            Stage::Validate => {
-                d.current_epoch > epoch || self.asked_evaluation() != Some((epoch, part))
-            }
-        })
+        Ok(stage_over(&d, self.validated, progress))
+    }
+
+    /// Others share the queues: the coordinator says when a stage is over.
+    fn alone(&self) -> bool {
+        false
     }
 
     async fn interim_evaluation(&mut self, epoch: u32) -> Result<Option<u32>, TrainError> {
-        Ok(match self.asked_evaluation() {
-            Some((e, part)) if e == epoch && part > 0 => Some(part),
-            _ => None,
-        })
+        Ok(interim_part(&self.directives(), self.validated, epoch))
     }
 
     async fn step_done(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
@@ -430,20 +412,7 @@ impl Coordination for Coordinated {
         // The model has moved on from the average it loaded.
         self.loaded_round = None;
         self.seq += 1;
-        let (seq, step) = (
-            self.seq,
-            pb::StepMetrics {
-                step: m.step,
-                epoch: m.epoch,
-                batch_index: m.batch_index,
-                images: m.images as u32,
-                loss: m.loss as f32,
-                accuracy: m.accuracy as f32,
-                images_per_s: m.images_per_sec() as f32,
-                data_wait_s: m.data_wait_secs as f32,
-                step_s: m.step_secs as f32,
-            },
-        );
+        let (seq, step) = (self.seq, pb::StepMetrics::from(m));
         let response = self
             .link
             .call(|l| async move {
@@ -460,12 +429,7 @@ impl Coordination for Coordinated {
 
     /// Makes sure the model is the average the evaluation is of: a worker that was not in its
     /// round (e.g. one that joined during it), or that trained a step after it, downloads it.
-    async fn before_validation(
-        &mut self,
-        epoch: u32,
-        part: u32,
-        worker: &Worker<TrainState>,
-    ) -> Result<(), TrainError> {
+    async fn before_validation(&mut self, epoch: u32, part: u32) -> Result<(), TrainError> {
         if self.asked_evaluation() != Some((epoch, part)) {
             return Ok(());
         }
@@ -491,7 +455,7 @@ impl Coordination for Coordinated {
             .find(|c| c.checkpoint_id == id)
             .map(|c| c.sync_round);
         if round.is_none() || round != self.loaded_round {
-            self.load_checkpoint(worker, &id).await?;
+            self.load_checkpoint(&id).await?;
             // What it trained since the round is gone with the reload.
             self.samples = 0;
         }
@@ -503,13 +467,7 @@ impl Coordination for Coordinated {
     }
 
     async fn batch_evaluated(&mut self, c: &BatchEval) -> Result<(), TrainError> {
-        let batch = pb::BatchEvaluation {
-            batch_index: c.batch_index,
-            images: c.images as u32,
-            correct: c.correct as u32,
-            correct_top5: c.correct_top5 as u32,
-            loss_sum: c.loss_sum,
-        };
+        let batch = pb::BatchEvaluation::from(c);
         let (epoch, part) = (c.epoch, c.eval_part);
         let response = self
             .link

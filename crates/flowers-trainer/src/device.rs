@@ -1,58 +1,9 @@
-//! Device choice, numeric precision and getting a uint8 NHWC batch onto the device.
+//! The trainer's compute: the GPU's name, numeric precision and getting a uint8 NHWC batch onto
+//! the device. Which device is [`flowers_model::DeviceChoice`]'s.
 
-use std::fmt;
-use std::str::FromStr;
-
+use flowers_model::DeviceError;
+use strum::VariantNames;
 use tch::{Device, Kind, Tensor};
-
-/// Where the trainer computes: `auto` takes CUDA when libtorch sees a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// The reply to an unusable `--device` or `--precision`.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("unknown {what} {given:?}: expected one of {expected}")]
-    Unknown {
-        what: &'static str,
-        given: String,
-        expected: &'static str,
-    },
-    #[error("--device cuda asked for, but libtorch sees no CUDA device")]
-    NoCuda,
-}
-
-impl FromStr for DeviceChoice {
-    type Err = DeviceError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda),
-            _ => Err(DeviceError::Unknown {
-                what: "device",
-                given: s.to_owned(),
-                expected: "auto, cpu, cuda",
-            }),
-        }
-    }
-}
-
-impl DeviceChoice {
-    pub fn resolve(self) -> Result<Device, DeviceError> {
-        match self {
-            Self::Auto => Ok(Device::cuda_if_available()),
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            Self::Cuda => Err(DeviceError::NoCuda),
-        }
-    }
-}
 
 /// The GPU's name for the coordinator's worker list (`None` on the CPU or without
 /// `nvidia-smi`). libtorch has no call for it; `nvidia-smi` ignores CUDA_VISIBLE_DEVICES, so
@@ -78,33 +29,24 @@ pub fn gpu_name(device: Device) -> Option<String> {
 /// Arithmetic of the forward pass. `Bf16` is CUDA autocast to bfloat16 (weights, gradients and
 /// optimizer state stay fp32); on the CPU it falls back to fp32, since CPU bf16 convolutions are
 /// slower than fp32 ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display, strum::VariantNames,
+)]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = DeviceError,
+    parse_err_fn = unknown_precision
+)]
 pub enum Precision {
     Fp32,
     Bf16,
 }
 
-impl FromStr for Precision {
-    type Err = DeviceError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "fp32" => Ok(Self::Fp32),
-            "bf16" => Ok(Self::Bf16),
-            _ => Err(DeviceError::Unknown {
-                what: "precision",
-                given: s.to_owned(),
-                expected: "fp32, bf16",
-            }),
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Fp32 => "fp32",
-            Self::Bf16 => "bf16",
-        })
+fn unknown_precision(given: &str) -> DeviceError {
+    DeviceError::Unknown {
+        what: "precision",
+        given: given.to_owned(),
+        expected: Precision::VARIANTS,
     }
 }
 
@@ -180,11 +122,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_choices_and_rejects_others() {
-        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+    fn parses_precisions_and_rejects_others() {
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
-        let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
-        assert!(err.contains("\"tpu\"") && err.contains("cpu"), "{err}");
         assert!("fp16".parse::<Precision>().is_err());
     }
 

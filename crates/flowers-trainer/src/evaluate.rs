@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use flowers_dataset::{ClassNames, Labels, SetIds, SetName};
-use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_model::read_checkpoint_meta;
+use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use tch::Device;
 use tracing::{info, warn};
 
+use crate::batch::BatchView;
 use crate::device::Precision;
 use crate::metrics::EvalTally;
-use crate::state::{BatchView, ModelOptions, TrainState};
+use crate::state::{ModelOptions, TrainState};
 use crate::TrainError;
 
 #[derive(Debug, Clone)]
@@ -103,11 +104,10 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<Evaluation, TrainError> {
         }
     }
     if images.is_empty() {
-        return Err(TrainError::Data(format!(
-            "{}: no images to evaluate (split {:?})",
-            opts.data.display(),
-            opts.split.as_ref().map(|s| s.1)
-        )));
+        return Err(TrainError::NoImages {
+            archive: opts.data.clone(),
+            split: opts.split.as_ref().map(|s| s.1),
+        });
     }
 
     if meta.img_size > 0 && meta.img_size != i64::from(opts.img_size) {

@@ -1,9 +1,13 @@
-//! What one training step and one evaluation report: logged through `tracing` and handed to
-//! the coordinator hook as plain structs.
+//! What one training step and one evaluation report: logged through `tracing`, handed to the
+//! coordination hooks as plain structs (and to the coordinator as its messages); and the sums
+//! of an epoch's steps for its log line.
 
 use std::fmt;
+use std::time::Instant;
 
+use flowers_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 /// The figures of one optimizer step.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +61,25 @@ impl fmt::Display for StepMetrics {
     }
 }
 
+/// A step as the coordinator takes it.
+impl From<&StepMetrics> for pb::StepMetrics {
+    fn from(m: &StepMetrics) -> Self {
+        pb::StepMetrics {
+            step: m.step,
+            epoch: m.epoch,
+            batch_index: m.batch_index,
+            images: m.images as u32,
+            loss: m.loss as f32,
+            accuracy: m.accuracy as f32,
+            images_per_s: m.images_per_sec() as f32,
+            data_wait_s: m.data_wait_secs as f32,
+            step_s: m.step_secs as f32,
+        }
+    }
+}
+
 /// Counts for a classification evaluation: top-1, top-5, per-class hits and the confusion matrix.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalTally {
     num_classes: usize,
     images: u64,
@@ -231,6 +252,20 @@ pub struct BatchEval {
     pub loss_sum: f64,
 }
 
+/// A validation batch's counts as the coordinator takes them (its epoch and part go with the
+/// report).
+impl From<&BatchEval> for pb::BatchEvaluation {
+    fn from(c: &BatchEval) -> Self {
+        pb::BatchEvaluation {
+            batch_index: c.batch_index,
+            images: c.images as u32,
+            correct: c.correct as u32,
+            correct_top5: c.correct_top5 as u32,
+            loss_sum: c.loss_sum,
+        }
+    }
+}
+
 /// The figures of one finished evaluation (validation of an epoch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalMetrics {
@@ -248,6 +283,56 @@ impl fmt::Display for EvalMetrics {
             "epoch={} images={} val_loss={:.4} top1={:.4} top5={:.4}",
             self.epoch, self.images, self.loss, self.top1, self.top5
         )
+    }
+}
+
+/// Sums over the steps of an epoch's training, for its log line.
+pub(crate) struct TrainTotals {
+    started: Instant,
+    images: u64,
+    loss_sum: f64,
+    correct: u64,
+    step_secs: f64,
+    wait_secs: f64,
+}
+
+impl TrainTotals {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            images: 0,
+            loss_sum: 0.0,
+            correct: 0,
+            step_secs: 0.0,
+            wait_secs: 0.0,
+        }
+    }
+
+    pub fn add(&mut self, m: &StepMetrics, data_wait: f64) {
+        self.images += m.images as u64;
+        self.loss_sum += m.loss * m.images as f64;
+        self.correct += (m.accuracy * m.images as f64).round() as u64;
+        self.step_secs += m.step_secs;
+        self.wait_secs += data_wait;
+    }
+
+    /// Logs the training of `epoch` (`batches` of it), if it trained anything.
+    pub fn log(&self, epoch: u32, batches: usize) {
+        if self.images == 0 {
+            return;
+        }
+        let n = self.images as f64;
+        info!(
+            epoch,
+            batches,
+            images = self.images,
+            loss = format!("{:.4}", self.loss_sum / n),
+            acc = format!("{:.3}", self.correct as f64 / n),
+            images_per_s = format!("{:.1}", n / self.step_secs.max(1e-9)),
+            data_wait_s = format!("{:.1}", self.wait_secs),
+            wall_s = format!("{:.1}", self.started.elapsed().as_secs_f64()),
+            "epoch trained"
+        );
     }
 }
 

@@ -2,15 +2,20 @@
 //! rate. Everything is a pure function of the epoch and the position in it, so a resumed run
 //! continues on the same curve.
 
-use std::fmt;
-use std::str::FromStr;
-
 use flowers_model::{LrSchedule, OptimizerKind, Policy};
+use strum::VariantNames;
 
 use crate::TrainError;
 
 /// A named set of defaults; explicit options override them ([`Overrides`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display, strum::VariantNames,
+)]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = TrainError,
+    parse_err_fn = unknown_recipe
+)]
 pub enum Recipe {
     /// The Keras notebook: Adamax lr 1e-2 on the reference policy, constant lr, from the first
     /// step (head and unfrozen layers alike).
@@ -25,30 +30,20 @@ pub enum Recipe {
     Fast,
 }
 
-impl FromStr for Recipe {
-    type Err = TrainError;
-    fn from_str(s: &str) -> Result<Self, TrainError> {
-        match s {
-            "reference" => Ok(Recipe::Reference),
-            "fast" => Ok(Recipe::Fast),
-            _ => Err(TrainError::Usage(format!(
-                "unknown recipe {s:?} (expected reference or fast)"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Recipe {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Recipe::Reference => "reference",
-            Recipe::Fast => "fast",
-        })
-    }
+fn unknown_recipe(value: &str) -> TrainError {
+    TrainError::Usage(format!(
+        "unknown recipe {value:?} (expected {})",
+        one_of(Recipe::VARIANTS)
+    ))
 }
 
 /// Shape of the learning rate over a phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames)]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = TrainError,
+    parse_err_fn = unknown_schedule
+)]
 pub enum ScheduleKind {
     Constant,
     /// Half cosine from lr to lr/100 over the phase.
@@ -60,17 +55,19 @@ pub enum ScheduleKind {
 /// Epochs between the decays of [`ScheduleKind::Step`].
 pub const STEP_EPOCHS: u32 = 2;
 
-impl FromStr for ScheduleKind {
-    type Err = TrainError;
-    fn from_str(s: &str) -> Result<Self, TrainError> {
-        match s {
-            "constant" => Ok(ScheduleKind::Constant),
-            "cosine" => Ok(ScheduleKind::Cosine),
-            "step" => Ok(ScheduleKind::Step),
-            _ => Err(TrainError::Usage(format!(
-                "unknown lr schedule {s:?} (expected constant, cosine or step)"
-            ))),
-        }
+fn unknown_schedule(value: &str) -> TrainError {
+    TrainError::Usage(format!(
+        "unknown lr schedule {value:?} (expected {})",
+        one_of(ScheduleKind::VARIANTS)
+    ))
+}
+
+/// `a, b or c`.
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [first @ .., last] => format!("{} or {last}", first.join(", ")),
     }
 }
 
@@ -192,6 +189,18 @@ impl Hyper {
         }
     }
 
+    /// What the phases of a run of `total_epochs` epochs train, in order.
+    pub fn policies(&self, total_epochs: u32) -> Vec<Policy> {
+        let mut policies: Vec<Policy> = Vec::new();
+        for epoch in 0..total_epochs {
+            let p = self.phase(epoch, total_epochs).policy;
+            if policies.last() != Some(&p) {
+                policies.push(p);
+            }
+        }
+        policies
+    }
+
     /// The phase that epoch `epoch` (0-based, as in the queue names) of a run with
     /// `total_epochs` epochs belongs to.
     pub fn phase(&self, epoch: u32, total_epochs: u32) -> Phase {
@@ -293,6 +302,8 @@ mod tests {
         assert_eq!(h.phase(0, 2).policy, Policy::Head);
         assert_eq!(h.phase(1, 2).policy, Policy::Top);
         assert_eq!(h.phase(0, 1).policy, Policy::Top);
+        assert_eq!(h.policies(warm + 4), [Policy::Head, Policy::Top]);
+        assert_eq!(h.policies(1), [Policy::Top]);
     }
 
     #[test]

@@ -4,28 +4,28 @@
 //! used it, so a trainer that dies loses no batch: the broker redelivers whatever was unacked.
 //!
 //! Where the loop needs a decision that a coordinator would make (is this stage over, sync
-//! before validation, who validates, where metrics go), it asks a [`Coordination`];
-//! [`Standalone`] makes them alone.
+//! before validation, who validates, where metrics go), it asks a [`Coordination`].
 
-use std::collections::BTreeSet;
-use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowers_broker::{
-    connect_with_backoff, declare_run_topology, eval_queue, message_count, purge_queue,
-    train_queue, val_queue, validate_run_id, Backoff, Connection, Consumer, Delivery, RunLayout,
+    connect_with_backoff, declare_run_topology, message_count, purge_queue, validate_run_id,
+    Backoff, BrokerError, Connection, Consumer, Delivery, RunLayout,
 };
-use flowers_model::Policy;
-use flowers_wire::{describe, Batch, Dims, Split};
-use serde::{Deserialize, Serialize};
+use flowers_wire::describe;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::metrics::{BatchEval, EvalMetrics, EvalTally, StepMetrics};
+use crate::batch::OwnedBatch;
+use crate::batch_check::BatchCheck;
+use crate::coordination::Coordination;
+use crate::metrics::{BatchEval, EvalMetrics, EvalTally, StepMetrics, TrainTotals};
+use crate::progress::{start_position, EpochProgress, SavedProgress, Stage};
 use crate::recipe::Hyper;
 use crate::shutdown;
-use crate::state::{BatchView, ModelOptions, TrainState};
+use crate::state::{ModelOptions, TrainState};
 use crate::worker::Worker;
 use crate::TrainError;
 
@@ -33,205 +33,6 @@ use crate::TrainError;
 const POLL: Duration = Duration::from_secs(2);
 /// How often a trainer waiting for batches says so.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
-
-/// The two stages of an epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Stage {
-    Train,
-    Validate,
-}
-
-/// Where a trainer stands in an epoch: what it has used of the stage's queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochProgress {
-    pub epoch: u32,
-    pub stage: Stage,
-    /// Batch indices of the stage used (trained or evaluated) and acked.
-    pub done: BTreeSet<u32>,
-    /// `batches_in_epoch` of the stage, from its messages.
-    pub batches_in_epoch: Option<u32>,
-    /// Validation counts so far (validate stage only).
-    pub tally: Option<EvalTally>,
-    /// Validate stage: which evaluation of the epoch (0: its end; p: interim part p).
-    #[serde(default)]
-    pub eval_part: u32,
-}
-
-impl EpochProgress {
-    pub fn new(epoch: u32, stage: Stage) -> Self {
-        Self {
-            epoch,
-            stage,
-            done: BTreeSet::new(),
-            batches_in_epoch: None,
-            tally: None,
-            eval_part: 0,
-        }
-    }
-
-    /// The validate stage of interim evaluation `part` of `epoch`.
-    pub fn interim(epoch: u32, part: u32) -> Self {
-        Self {
-            eval_part: part,
-            ..Self::new(epoch, Stage::Validate)
-        }
-    }
-
-    /// Every batch of the stage has been used by this trainer.
-    pub fn is_complete(&self) -> bool {
-        matches!(self.batches_in_epoch, Some(n) if self.done.len() >= n as usize)
-    }
-
-    pub fn queue(&self, run_id: &str) -> String {
-        match self.stage {
-            Stage::Train => train_queue(run_id, self.epoch),
-            Stage::Validate => eval_queue(run_id, self.epoch, self.eval_part),
-        }
-    }
-
-    fn split(&self) -> Split {
-        match self.stage {
-            Stage::Train => Split::Train,
-            Stage::Validate => Split::Validation,
-        }
-    }
-}
-
-/// What [`Coordination::stage_done`] is asked with.
-pub struct StageContext<'a> {
-    pub run_id: &'a str,
-    pub progress: &'a EpochProgress,
-    /// The last epoch of the run.
-    pub last_epoch: u32,
-    /// No message arrived for a poll interval.
-    pub idle: bool,
-    /// The trainer's broker connection, e.g. to look at queue lengths.
-    pub conn: &'a Connection,
-    /// The training thread, e.g. to exchange parameters at this batch boundary.
-    pub worker: &'a Worker<TrainState>,
-}
-
-/// The decisions a coordinator takes over from a standalone trainer.
-pub trait Coordination {
-    /// The model is built (and resumed, if asked): e.g. load the run's latest average into it.
-    /// `policies` are what the run's phases train, in order.
-    fn started(
-        &mut self,
-        _worker: &Worker<TrainState>,
-        _policies: &[Policy],
-    ) -> impl Future<Output = Result<(), TrainError>> + Send {
-        async { Ok(()) }
-    }
-
-    /// Whether the current stage is over for this trainer. Asked at every batch boundary:
-    /// before every wait for a message and after every poll interval without one.
-    fn stage_done(
-        &mut self,
-        ctx: StageContext<'_>,
-    ) -> impl Future<Output = Result<bool, TrainError>> + Send;
-
-    /// During the training of `epoch`, at a batch boundary: an interim evaluation (its part) to
-    /// run before the next step, if one is asked for.
-    fn interim_evaluation(
-        &mut self,
-        _epoch: u32,
-    ) -> impl Future<Output = Result<Option<u32>, TrainError>> + Send {
-        async { Ok(None) }
-    }
-
-    /// Called after every optimizer step, before its batch is acked.
-    fn step_done(
-        &mut self,
-        metrics: &StepMetrics,
-    ) -> impl Future<Output = Result<(), TrainError>> + Send;
-
-    /// Before evaluation `part` of `epoch` (0: its end): the sync point, e.g. for averaging the
-    /// model across workers (through `worker.call(|state| ..)`).
-    fn before_validation(
-        &mut self,
-        epoch: u32,
-        part: u32,
-        worker: &Worker<TrainState>,
-    ) -> impl Future<Output = Result<(), TrainError>> + Send;
-
-    /// Whether this trainer validates `epoch` at all.
-    fn should_validate(
-        &mut self,
-        epoch: u32,
-    ) -> impl Future<Output = Result<bool, TrainError>> + Send;
-
-    /// Called after every validation batch, before it is acked.
-    fn batch_evaluated(
-        &mut self,
-        _counts: &BatchEval,
-    ) -> impl Future<Output = Result<(), TrainError>> + Send {
-        async { Ok(()) }
-    }
-
-    /// A finished evaluation (this trainer's share of it).
-    fn validation_done(
-        &mut self,
-        metrics: &EvalMetrics,
-    ) -> impl Future<Output = Result<(), TrainError>> + Send;
-}
-
-/// A trainer alone on the run: a stage ends when it has used `batches_in_epoch` distinct batches.
-#[derive(Debug, Default)]
-pub struct Standalone;
-
-impl Coordination for Standalone {
-    async fn stage_done(&mut self, ctx: StageContext<'_>) -> Result<bool, TrainError> {
-        let p = ctx.progress;
-        if p.is_complete() {
-            return Ok(true);
-        }
-        if !ctx.idle {
-            return Ok(false);
-        }
-        // The loader fills each queue completely before it starts the next one. So once this
-        // queue is drained and the next one holds messages, nothing more will come: the missing
-        // batches were acked by a trainer that died after its last checkpoint.
-        let next = match p.stage {
-            Stage::Train => Some(val_queue(ctx.run_id, p.epoch)),
-            Stage::Validate if p.epoch < ctx.last_epoch => {
-                Some(train_queue(ctx.run_id, p.epoch + 1))
-            }
-            Stage::Validate => None,
-        };
-        let Some(next) = next else { return Ok(false) };
-        if message_count(ctx.conn, &next).await?.unwrap_or(0) == 0 {
-            return Ok(false);
-        }
-        warn!(
-            queue = %p.queue(ctx.run_id),
-            used = p.done.len(),
-            expected = ?p.batches_in_epoch,
-            "queue drained before every batch was seen (the rest were acked by an earlier trainer); moving on"
-        );
-        Ok(true)
-    }
-
-    async fn step_done(&mut self, _: &StepMetrics) -> Result<(), TrainError> {
-        Ok(())
-    }
-
-    async fn before_validation(
-        &mut self,
-        _: u32,
-        _: u32,
-        _: &Worker<TrainState>,
-    ) -> Result<(), TrainError> {
-        Ok(())
-    }
-
-    async fn should_validate(&mut self, _: u32) -> Result<bool, TrainError> {
-        Ok(true)
-    }
-
-    async fn validation_done(&mut self, _: &EvalMetrics) -> Result<(), TrainError> {
-        Ok(())
-    }
-}
 
 /// Options of `trainer run`.
 #[derive(Debug, Clone)]
@@ -270,35 +71,6 @@ pub enum RunOutcome {
     Interrupted { epoch: u32, stage: Stage },
 }
 
-/// The position saved next to a checkpoint (`<name>.progress.json`).
-#[derive(Debug, Serialize, Deserialize)]
-struct SavedProgress {
-    run_id: String,
-    /// The checkpoint's step, to catch a progress file that belongs to another checkpoint.
-    step: u64,
-    img_size: Option<u32>,
-    progress: EpochProgress,
-}
-
-fn progress_path(checkpoint: &Path) -> PathBuf {
-    checkpoint.with_extension("progress.json")
-}
-
-fn read_progress(checkpoint: &Path) -> Result<Option<SavedProgress>, TrainError> {
-    let path = progress_path(checkpoint);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(TrainError::io(&path, e)),
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| TrainError::File {
-            path: path.clone(),
-            message: format!("not a trainer progress file: {e}"),
-        })
-}
-
 enum StageEnd {
     Complete,
     Interrupted,
@@ -306,64 +78,14 @@ enum StageEnd {
     Evaluate(u32),
 }
 
-/// Sums over the steps of an epoch's training, for its log line.
-struct TrainTotals {
-    started: Instant,
-    images: u64,
-    loss_sum: f64,
-    correct: u64,
-    step_secs: f64,
-    wait_secs: f64,
-}
-
-impl TrainTotals {
-    fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            images: 0,
-            loss_sum: 0.0,
-            correct: 0,
-            step_secs: 0.0,
-            wait_secs: 0.0,
-        }
-    }
-
-    fn add(&mut self, m: &StepMetrics, data_wait: f64) {
-        self.images += m.images as u64;
-        self.loss_sum += m.loss * m.images as f64;
-        self.correct += (m.accuracy * m.images as f64).round() as u64;
-        self.step_secs += m.step_secs;
-        self.wait_secs += data_wait;
-    }
-
-    fn log(&self, progress: &EpochProgress) {
-        if self.images == 0 {
-            return;
-        }
-        let n = self.images as f64;
-        info!(
-            epoch = progress.epoch,
-            batches = progress.done.len(),
-            images = self.images,
-            loss = format!("{:.4}", self.loss_sum / n),
-            acc = format!("{:.3}", self.correct as f64 / n),
-            images_per_s = format!("{:.1}", n / self.step_secs.max(1e-9)),
-            data_wait_s = format!("{:.1}", self.wait_secs),
-            wall_s = format!("{:.1}", self.started.elapsed().as_secs_f64()),
-            "epoch trained"
-        );
-    }
-}
-
 struct Runner<'a, C> {
     opts: &'a RunOptions,
     hyper: &'a Hyper,
     coord: &'a mut C,
     conn: Connection,
-    worker: Worker<TrainState>,
+    worker: Arc<Worker<TrainState>>,
     shutdown: watch::Receiver<bool>,
-    num_classes: u32,
-    img_size: Option<u32>,
+    check: BatchCheck,
     last_eval: Option<EvalMetrics>,
     train_totals: TrainTotals,
 }
@@ -381,15 +103,8 @@ pub async fn run<C: Coordination>(
         return Err(TrainError::Usage("--epochs must be at least 1".into()));
     }
     let saved = match &opts.resume {
-        Some(c) => read_progress(c)?,
+        Some(c) => SavedProgress::read(c, &opts.run_id)?,
         None => None,
-    };
-    let saved = match saved {
-        Some(s) if s.run_id != opts.run_id => {
-            warn!(saved_run = %s.run_id, "the checkpoint's progress belongs to another run: ignoring it");
-            None
-        }
-        other => other,
     };
     let num_classes = u32::try_from(model.num_classes)
         .map_err(|_| TrainError::Usage(format!("bad class count {}", model.num_classes)))?;
@@ -408,50 +123,22 @@ pub async fn run<C: Coordination>(
     let (resume, weights, seed) = (opts.resume.clone(), opts.weights.clone(), opts.seed);
     let worker = Worker::spawn("trainer-torch", move || {
         tch::manual_seed(seed as i64);
-        match &resume {
-            Some(c) => TrainState::resume(model, phase.backbone_lr_scale, c),
-            None => TrainState::new(
-                model,
-                phase.policy,
-                phase.backbone_lr_scale,
-                weights.as_deref(),
-            ),
-        }
+        TrainState::start(model, phase, resume.as_deref(), weights.as_deref())
     })
     .await?;
-    let mut policies: Vec<Policy> = Vec::new();
-    for e in 0..opts.epochs {
-        let p = hyper.phase(e, opts.epochs).policy;
-        if policies.last() != Some(&p) {
-            policies.push(p);
-        }
-    }
-    coord.started(&worker, &policies).await?;
+    let worker = Arc::new(worker);
+    coord.started(&worker, &hyper.policies(opts.epochs)).await?;
     let (step, meta) = worker
         .call(|st| (st.step, st.resumed_from().cloned()))
         .await?;
 
-    let mut progress = match (opts.start_epoch, saved, &meta) {
-        (Some(e), _, _) => EpochProgress::new(e, Stage::Train),
-        (None, Some(s), _) => {
-            if s.step != step {
-                let checkpoint = opts
-                    .resume
-                    .as_deref()
-                    .expect("saved progress comes with --resume");
-                return Err(TrainError::File {
-                    path: progress_path(checkpoint),
-                    message: format!(
-                        "progress is for step {}, the checkpoint is at step {step}",
-                        s.step
-                    ),
-                });
-            }
-            s.progress
-        }
-        (None, None, Some(m)) => EpochProgress::new(m.epoch as u32, Stage::Train),
-        (None, None, None) => EpochProgress::new(0, Stage::Train),
-    };
+    let mut progress = start_position(
+        opts.start_epoch,
+        opts.resume.as_deref(),
+        saved,
+        step,
+        meta.as_ref(),
+    )?;
     if progress.epoch >= opts.epochs {
         return Err(TrainError::Usage(format!(
             "start epoch {} is not below --epochs {}",
@@ -464,22 +151,7 @@ pub async fn run<C: Coordination>(
             .filter(|&s| s > 0)
     });
 
-    let conn = connect_with_backoff(
-        &opts.broker_url,
-        &format!("flowers trainer {}", opts.run_id),
-        &Backoff::default(),
-    )
-    .await?;
-    // Declaring is idempotent and lets a trainer start before the loader.
-    let channel = conn.create_channel().await.map_err(|e| {
-        TrainError::Data(format!(
-            "opening a channel to declare run {}: {e}",
-            opts.run_id
-        ))
-    })?;
-    let layout = RunLayout::epochs(opts.epochs).with_evaluations(opts.evaluations_per_epoch);
-    declare_run_topology(&channel, &opts.run_id, layout).await?;
-    let _ = channel.close(200, "OK".into()).await;
+    let conn = connect(opts).await?;
     if opts.checkpoint_dir.is_none() {
         warn!("no --checkpoint-dir: nothing will be saved");
     }
@@ -495,8 +167,7 @@ pub async fn run<C: Coordination>(
         conn,
         worker,
         shutdown,
-        num_classes,
-        img_size,
+        check: BatchCheck::new(&opts.run_id, num_classes, img_size, opts.batch_size),
         last_eval: None,
         train_totals: TrainTotals::new(),
     };
@@ -514,6 +185,29 @@ pub async fn run<C: Coordination>(
         warn!(error = %e, "closing the broker connection");
     }
     Ok(outcome)
+}
+
+/// Connects to the broker and declares the run's queues: declaring is idempotent and lets a
+/// trainer start before the loader.
+async fn connect(opts: &RunOptions) -> Result<Connection, TrainError> {
+    let conn = connect_with_backoff(
+        &opts.broker_url,
+        &format!("flowers trainer {}", opts.run_id),
+        &Backoff::default(),
+    )
+    .await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            op: "open a channel to declare run",
+            target: opts.run_id.clone(),
+            source,
+        })?;
+    let layout = RunLayout::epochs(opts.epochs).with_evaluations(opts.evaluations_per_epoch);
+    declare_run_topology(&channel, &opts.run_id, layout).await?;
+    let _ = channel.close(200, "OK".into()).await;
+    Ok(conn)
 }
 
 impl<C: Coordination> Runner<'_, C> {
@@ -540,7 +234,7 @@ impl<C: Coordination> Runner<'_, C> {
                         }
                     }
                 }
-                self.train_totals.log(progress);
+                self.train_totals.log(epoch, progress.done.len());
                 *progress = EpochProgress::new(epoch, Stage::Validate);
             }
             if self.coord.should_validate(epoch).await? {
@@ -563,9 +257,7 @@ impl<C: Coordination> Runner<'_, C> {
     ) -> Result<Option<EvalMetrics>, TrainError> {
         let (epoch, part) = (progress.epoch, progress.eval_part);
         if progress.done.is_empty() {
-            self.coord
-                .before_validation(epoch, part, &self.worker)
-                .await?;
+            self.coord.before_validation(epoch, part).await?;
         }
         match self.stage(progress).await? {
             StageEnd::Complete => {}
@@ -575,7 +267,7 @@ impl<C: Coordination> Runner<'_, C> {
         let tally = progress
             .tally
             .take()
-            .unwrap_or_else(|| EvalTally::new(self.num_classes as usize));
+            .unwrap_or_else(|| EvalTally::new(self.check.num_classes() as usize));
         let metrics = tally.summary(epoch);
         if part == 0 {
             info!(%metrics, "validated");
@@ -602,89 +294,40 @@ impl<C: Coordination> Runner<'_, C> {
         };
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         let path = dir.join("latest.safetensors");
-        let (epochs_done, img_size) = (progress.epoch, self.img_size.map_or(0, i64::from));
+        let img_size = self.check.img_size();
+        let (epochs_done, size) = (progress.epoch, img_size.map_or(0, i64::from));
         let save_path = path.clone();
         let step = self
             .worker
-            .call(move |st| st.save(&save_path, epochs_done, img_size).map(|()| st.step))
+            .call(move |st| st.save(&save_path, epochs_done, size).map(|()| st.step))
             .await??;
         let saved = SavedProgress {
             run_id: self.opts.run_id.clone(),
             step,
-            img_size: self.img_size,
+            img_size,
             progress: progress.clone(),
         };
-        let json = serde_json::to_string(&saved).expect("progress serialises");
-        let final_path = progress_path(&path);
-        let tmp = final_path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &final_path).map_err(|e| TrainError::io(&final_path, e))?;
+        saved.write(&path)?;
         info!(checkpoint = %path.display(), step, epoch = progress.epoch, stage = ?progress.stage, "checkpoint saved");
         Ok(())
     }
 
-    /// Why `batch` cannot be used at this point of the run, if it cannot.
-    fn misfit(&mut self, batch: &Batch, progress: &EpochProgress) -> Option<String> {
-        if batch.run_id != self.opts.run_id {
-            return Some(format!("it belongs to run {:?}", batch.run_id));
-        }
-        let eval_part = if progress.stage == Stage::Validate {
-            progress.eval_part
-        } else {
-            0
+    /// Whether the queue after the stage's holds messages, which for a trainer alone ends the
+    /// stage (see [`Coordination::alone`]).
+    async fn loader_moved_on(&self, progress: &EpochProgress) -> Result<bool, TrainError> {
+        let Some(next) = progress.next_queue(&self.opts.run_id, self.opts.epochs - 1) else {
+            return Ok(false);
         };
-        if batch.split != progress.split() as i32
-            || batch.epoch != progress.epoch
-            || batch.eval_part != eval_part
-        {
-            return Some(format!(
-                "the queue {} holds {:?} batches of epoch {} (evaluation part {eval_part}) only",
-                progress.queue(&self.opts.run_id),
-                progress.split(),
-                progress.epoch
-            ));
+        if message_count(&self.conn, &next).await?.unwrap_or(0) == 0 {
+            return Ok(false);
         }
-        if batch.num_classes != self.num_classes {
-            return Some(format!(
-                "it has {} classes, the model {}",
-                batch.num_classes, self.num_classes
-            ));
-        }
-        if batch.batch_index >= batch.batches_in_epoch {
-            return Some("its batch index is not below batches_in_epoch".into());
-        }
-        if let Some(n) = progress
-            .batches_in_epoch
-            .filter(|&n| n != batch.batches_in_epoch)
-        {
-            return Some(format!(
-                "earlier batches of the stage said {n} batches_in_epoch"
-            ));
-        }
-        let dims = Dims::of(batch).ok()?;
-        match self.img_size {
-            Some(s) if dims.height != s as usize || dims.width != s as usize => {
-                return Some(format!(
-                    "its images are {}x{}, the run's {s}x{s}",
-                    dims.height, dims.width
-                ))
-            }
-            Some(_) => {}
-            None if dims.height != dims.width => {
-                return Some(format!(
-                    "its images are {}x{}, not square",
-                    dims.height, dims.width
-                ))
-            }
-            None => self.img_size = Some(dims.height as u32),
-        }
-        match self.opts.batch_size {
-            Some(b) if dims.n > b as usize => Some(format!(
-                "it has {} images, more than --batch-size {b}",
-                dims.n
-            )),
-            _ => None,
-        }
+        warn!(
+            queue = %progress.queue(&self.opts.run_id),
+            used = progress.done.len(),
+            expected = ?progress.batches_in_epoch,
+            "queue drained before every batch was seen (the rest were acked by an earlier trainer); moving on"
+        );
+        Ok(true)
     }
 
     /// Consumes the stage's queue until the coordination says the stage is over.
@@ -695,15 +338,9 @@ impl<C: Coordination> Runner<'_, C> {
         let mut last_waiting_log = Instant::now();
         let mut idle = false;
         let end = loop {
-            let ctx = StageContext {
-                run_id: &self.opts.run_id,
-                progress,
-                last_epoch: self.opts.epochs - 1,
-                idle,
-                conn: &self.conn,
-                worker: &self.worker,
-            };
-            if self.coord.stage_done(ctx).await? {
+            if self.coord.stage_done(progress, idle).await?
+                || (idle && self.coord.alone() && self.loader_moved_on(progress).await?)
+            {
                 break StageEnd::Complete;
             }
             if progress.stage == Stage::Train {
@@ -726,7 +363,7 @@ impl<C: Coordination> Runner<'_, C> {
             };
             idle = false;
             let data_wait = wait_started.elapsed().as_secs_f64();
-            if let Some(reason) = self.misfit(&delivery.batch, progress) {
+            if let Some(reason) = self.check.misfit(&delivery.batch, progress) {
                 error!(%queue, batch = %describe(&delivery.batch), %reason, "unusable batch: dead-lettering it");
                 delivery.reject().await?;
                 continue;
@@ -738,30 +375,27 @@ impl<C: Coordination> Runner<'_, C> {
                 continue;
             }
             let batches_in_epoch = delivery.batch.batches_in_epoch;
-            match progress.stage {
+            let (reported, step) = match progress.stage {
                 Stage::Train => {
                     let metrics = self.train(&mut delivery, progress, data_wait).await?;
-                    if let Err(e) = self.coord.step_done(&metrics).await {
-                        // Not recorded: another trainer must train the batch again.
-                        let _ = delivery.requeue().await;
-                        return Err(e);
-                    }
-                    delivery.ack().await?;
-                    self.train_totals.add(&metrics, data_wait);
-                    progress.done.insert(index);
-                    progress.batches_in_epoch = Some(batches_in_epoch);
-                    info!(%metrics, "step");
+                    (self.coord.step_done(&metrics).await, Some(metrics))
                 }
                 Stage::Validate => {
                     let counts = self.validate(&mut delivery, progress).await?;
-                    if let Err(e) = self.coord.batch_evaluated(&counts).await {
-                        let _ = delivery.requeue().await;
-                        return Err(e);
-                    }
-                    delivery.ack().await?;
-                    progress.done.insert(index);
-                    progress.batches_in_epoch = Some(batches_in_epoch);
+                    (self.coord.batch_evaluated(&counts).await, None)
                 }
+            };
+            if let Err(e) = reported {
+                // Not recorded: another trainer must use the batch again.
+                let _ = delivery.requeue().await;
+                return Err(e);
+            }
+            delivery.ack().await?;
+            progress.done.insert(index);
+            progress.batches_in_epoch = Some(batches_in_epoch);
+            if let Some(metrics) = step {
+                self.train_totals.add(&metrics, data_wait);
+                info!(%metrics, "step");
             }
             wait_started = Instant::now();
         };
@@ -798,19 +432,11 @@ impl<C: Coordination> Runner<'_, C> {
             batch.batches_in_epoch,
         );
         let owned = OwnedBatch::take(batch);
-        let result = self
-            .worker
-            .call(move |st| st.train_step(owned.view(), lr).map(|o| (o, st.step)))
-            .await
-            .map_err(TrainError::from)
-            .and_then(|r| r);
-        let (outcome, step) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = delivery.requeue().await;
-                return Err(e);
-            }
-        };
+        let (outcome, step) = self
+            .on_worker(delivery, move |st| {
+                st.train_step(owned.view(), lr).map(|o| (o, st.step))
+            })
+            .await?;
         Ok(StepMetrics {
             epoch: progress.epoch,
             step,
@@ -825,7 +451,7 @@ impl<C: Coordination> Runner<'_, C> {
     }
 
     /// Adds the delivery's batch to the stage's tally (acked by the caller) and returns its
-    /// counts.
+    /// counts. A failed evaluation hands the batch back to the queue.
     async fn validate(
         &mut self,
         delivery: &mut Delivery,
@@ -834,60 +460,36 @@ impl<C: Coordination> Runner<'_, C> {
         let batch = &mut delivery.batch;
         let (epoch, batch_index) = (batch.epoch, batch.batch_index);
         let owned = OwnedBatch::take(batch);
-        let mut tally = EvalTally::new(self.num_classes as usize);
-        let result = self
-            .worker
-            .call(move |st| {
-                let r = st.evaluate(owned.view(), &mut tally);
-                (tally, r)
+        let mut tally = EvalTally::new(self.check.num_classes() as usize);
+        let tally = self
+            .on_worker(delivery, move |st| {
+                st.evaluate(owned.view(), &mut tally).map(|()| tally)
             })
-            .await;
-        let (tally, r) = match result {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = delivery.requeue().await;
-                return Err(e.into());
-            }
-        };
-        if let Err(e) = r {
-            let _ = delivery.requeue().await;
-            return Err(e);
-        }
+            .await?;
         let counts = tally.batch_counts(epoch, progress.eval_part, batch_index);
         progress
             .tally
-            .get_or_insert_with(|| EvalTally::new(self.num_classes as usize))
+            .get_or_insert_with(|| EvalTally::new(self.check.num_classes() as usize))
             .merge(&tally);
         Ok(counts)
     }
-}
 
-/// A delivered batch's pixels and labels, moved out of the message so that the training
-/// thread can own them.
-struct OwnedBatch {
-    pixels: Vec<u8>,
-    labels: Vec<u32>,
-    names: Vec<String>,
-    shape: [i64; 4],
-}
-
-impl OwnedBatch {
-    fn take(batch: &mut Batch) -> Self {
-        let s = &batch.shape;
-        Self {
-            shape: [s[0], s[1], s[2], s[3]].map(i64::from),
-            pixels: std::mem::take(&mut batch.pixels),
-            labels: batch.labels.clone(),
-            names: batch.file_names.clone(),
+    /// Runs `job` with the delivery's batch on the training thread; if it fails, the batch goes
+    /// back to the queue for another try (by this trainer or another).
+    async fn on_worker<R: Send + 'static>(
+        &self,
+        delivery: &mut Delivery,
+        job: impl FnOnce(&mut TrainState) -> Result<R, TrainError> + Send + 'static,
+    ) -> Result<R, TrainError> {
+        let result = self
+            .worker
+            .call(job)
+            .await
+            .map_err(TrainError::from)
+            .and_then(|r| r);
+        if result.is_err() {
+            let _ = delivery.requeue().await;
         }
-    }
-
-    fn view(&self) -> BatchView<'_> {
-        BatchView {
-            pixels: &self.pixels,
-            shape: self.shape,
-            labels: &self.labels,
-            names: Some(&self.names),
-        }
+        result
     }
 }

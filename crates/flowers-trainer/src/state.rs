@@ -1,21 +1,25 @@
 //! The model, its optimizer and one training or evaluation step. Lives on the training thread
-//! ([`crate::worker::Worker`]); nothing here is async.
+//! ([`crate::worker::Worker`]); nothing here is async. The forward pass is in `forward.rs`,
+//! what workers exchange in `exchange.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod exchange;
+mod forward;
+
 use std::path::Path;
 use std::time::Instant;
 
 use flowers_model::{
-    build_model, flip_rows, is_trunk_variable, load_checkpoint, read_checkpoint_meta,
-    save_checkpoint, tensor_file, to_model_input, CheckpointMeta, InceptionV3, ModelConfig,
-    Optimizer, OptimizerKind, Policy, Variant,
+    build_model, load_checkpoint, read_checkpoint_meta, save_checkpoint, CheckpointMeta,
+    InceptionV3, ModelConfig, Optimizer, OptimizerKind, Policy, Variant,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 use tracing::{info, warn};
 
-use crate::device::{upload_nhwc, with_precision, Precision};
+use crate::batch::BatchView;
+use crate::device::Precision;
 use crate::metrics::EvalTally;
+use crate::recipe::Phase;
 use crate::trunk_cache::TrunkCache;
 use crate::TrainError;
 
@@ -44,17 +48,6 @@ impl ModelOptions {
             ..ModelConfig::new(self.num_classes, variant, policy)
         }
     }
-}
-
-/// Borrowed view of one batch: pixels NHWC uint8, 0-based labels.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchView<'a> {
-    pub pixels: &'a [u8],
-    /// `[N, H, W, 3]`.
-    pub shape: [i64; 4],
-    pub labels: &'a [u32],
-    /// The images' file names: with them, trunk activations are cached (see [`TrunkCache`]).
-    pub names: Option<&'a [String]>,
 }
 
 /// What one optimizer step measured.
@@ -101,6 +94,21 @@ impl TrainState {
         ))
     }
 
+    /// The state a run starts from: the checkpoint to `resume` (with its own policy; the phase
+    /// gives the lr multiplier), else a new model under `phase` with `weights` (see
+    /// [`TrainState::new`]).
+    pub fn start(
+        opts: ModelOptions,
+        phase: Phase,
+        resume: Option<&Path>,
+        weights: Option<&Path>,
+    ) -> Result<Self, TrainError> {
+        match resume {
+            Some(checkpoint) => Self::resume(opts, phase.backbone_lr_scale, checkpoint),
+            None => Self::new(opts, phase.policy, phase.backbone_lr_scale, weights),
+        }
+    }
+
     /// A state at step 0 around a built model and its optimizer.
     fn assemble(
         opts: ModelOptions,
@@ -130,12 +138,10 @@ impl TrainState {
     ) -> Result<Self, TrainError> {
         let meta = read_checkpoint_meta(checkpoint)?;
         if meta.num_classes != opts.num_classes {
-            return Err(TrainError::File {
+            return Err(TrainError::CheckpointClasses {
                 path: checkpoint.to_path_buf(),
-                message: format!(
-                    "checkpoint has {} classes, the run {}",
-                    meta.num_classes, opts.num_classes
-                ),
+                checkpoint: meta.num_classes,
+                run: opts.num_classes,
             });
         }
         let opts = ModelOptions {
@@ -220,74 +226,6 @@ impl TrainState {
         Tensor::from_slice(&labels).to_device(self.opts.device)
     }
 
-    /// Logits of the batch (training mode and flips when `train`), under the run's precision.
-    /// While the trunk is frozen and the batch names its images, trunk activations come from
-    /// the cache, and those missing are computed (without gradients) and added to it.
-    fn logits(&mut self, batch: BatchView<'_>, train: bool) -> Result<Tensor, TrainError> {
-        let (device, precision) = (self.opts.device, self.opts.precision);
-        let flip = train && self.opts.flip;
-        if let Some(names) = batch.names.filter(|n| n.len() != batch.labels.len()) {
-            return Err(TrainError::Data(format!(
-                "batch names {} images for {} labels",
-                names.len(),
-                batch.labels.len()
-            )));
-        }
-        let names = match batch.names {
-            Some(names) if self.model.trunk_is_frozen() && self.trunk_cache.is_enabled() => names,
-            _ => {
-                let pixels = upload_nhwc(batch.pixels, batch.shape, device);
-                let x = to_model_input(&pixels, device, flip)?;
-                return Ok(with_precision(precision, device, || {
-                    self.model.forward_t(&x, train)
-                }));
-            }
-        };
-        let flips: Vec<bool> = if flip {
-            Vec::<bool>::try_from(
-                Tensor::rand([names.len() as i64], (Kind::Float, Device::Cpu)).lt(0.5),
-            )?
-        } else {
-            vec![false; names.len()]
-        };
-        let mut rows: Vec<Option<Tensor>> = names
-            .iter()
-            .zip(&flips)
-            .map(|(name, &f)| self.trunk_cache.get(name, f))
-            .collect();
-        let missing: Vec<i64> = (0..rows.len() as i64)
-            .filter(|&i| rows[i as usize].is_none())
-            .collect();
-        // Only images missing from the cache need their pixels on the device.
-        if !missing.is_empty() {
-            let pixels = upload_nhwc(batch.pixels, batch.shape, device);
-            let index = Tensor::from_slice(&missing).to_device(device);
-            let x = to_model_input(&pixels.f_index_select(0, &index)?, device, false)?;
-            let x = flip_rows(
-                &x,
-                &missing
-                    .iter()
-                    .map(|&i| flips[i as usize])
-                    .collect::<Vec<_>>(),
-            );
-            let trunk =
-                tch::no_grad(|| with_precision(precision, device, || self.model.trunk(&x, false)));
-            for (j, &i) in missing.iter().enumerate() {
-                let i = i as usize;
-                // A copy owns its storage, so a cached image does not pin the whole batch.
-                let activation = trunk.get(j as i64).copy();
-                self.trunk_cache
-                    .insert(&names[i], flips[i], activation.shallow_clone());
-                rows[i] = Some(activation);
-            }
-        }
-        let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
-        let trunk = Tensor::f_stack(&rows, 0)?;
-        Ok(with_precision(precision, device, || {
-            self.model.forward_from_trunk(&trunk, train)
-        }))
-    }
-
     /// One optimizer step at base learning rate `lr` on the batch (training mode, flips when
     /// enabled).
     pub fn train_step(&mut self, batch: BatchView<'_>, lr: f64) -> Result<StepOutcome, TrainError> {
@@ -314,10 +252,10 @@ impl TrainState {
         // Reading the loss waits for the device, so `secs` covers the whole step.
         let loss = loss.f_double_value(&[])?;
         if !loss.is_finite() {
-            return Err(TrainError::Data(format!(
-                "training loss became {loss} at step {}; lower the learning rate",
-                self.step
-            )));
+            return Err(TrainError::LossNotFinite {
+                loss,
+                step: self.step,
+            });
         }
         Ok(StepOutcome {
             loss,
@@ -351,70 +289,6 @@ impl TrainState {
         Ok(())
     }
 
-    /// Names of the tensors workers exchange over a run whose phases train under `policies`:
-    /// every policy's [`InceptionV3::sync_tensor_names`], so that the set stays the same when
-    /// a phase changes what trains (frozen tensors are equal on every worker, so averaging them
-    /// changes nothing). Sorted.
-    pub fn sync_names(&self, policies: &[Policy]) -> Vec<String> {
-        let mut names: BTreeSet<String> = self.model.sync_tensor_names().into_iter().collect();
-        for &policy in policies.iter().filter(|&&p| p != self.policy()) {
-            // Which tensors a policy trains is decided while building the model: build a
-            // throwaway one on the CPU.
-            let vs = VarStore::new(Device::Cpu);
-            let config = ModelConfig {
-                policy,
-                ..self.model.config().clone()
-            };
-            names.extend(InceptionV3::new(&vs.root(), config).sync_tensor_names());
-        }
-        names.into_iter().collect()
-    }
-
-    /// The current values of the variables `names`, as safetensors bytes with `metadata`.
-    pub fn tensors_bytes(
-        &self,
-        names: &[String],
-        metadata: &HashMap<String, String>,
-    ) -> Result<Vec<u8>, TrainError> {
-        let vars = self.vs.variables();
-        let tensors = names
-            .iter()
-            .map(|n| {
-                vars.get(n)
-                    .map(|t| (n.as_str(), t))
-                    .ok_or_else(|| TrainError::Data(format!("the model has no variable {n}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(tensor_file::to_bytes("parameters", tensors, metadata)?)
-    }
-
-    /// Overwrites variables with same-named `tensors` (e.g. an average of workers); every name
-    /// must be a variable of the same shape. The optimizer state is kept.
-    pub fn load_tensors(
-        &mut self,
-        what: &str,
-        tensors: &BTreeMap<String, Tensor>,
-    ) -> Result<(), TrainError> {
-        let vars = self.vs.variables();
-        for (name, t) in tensors {
-            let var = vars.get(name).ok_or_else(|| {
-                TrainError::Data(format!("{what}: tensor {name} is not a model variable"))
-            })?;
-            if var.size() != t.size() {
-                return Err(TrainError::Data(format!(
-                    "{what}: tensor {name} is {:?}, the model's {:?}",
-                    t.size(),
-                    var.size()
-                )));
-            }
-            tch::no_grad(|| var.shallow_clone().f_copy_(t))?;
-        }
-        if tensors.keys().any(|n| is_trunk_variable(n)) {
-            self.trunk_cache.clear();
-        }
-        Ok(())
-    }
-
     /// Saves model, optimizer state and position (see [`flowers_model::save_checkpoint`]).
     pub fn save(&self, path: &Path, epochs_done: u32, img_size: i64) -> Result<(), TrainError> {
         let meta = CheckpointMeta {
@@ -433,9 +307,11 @@ impl TrainState {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    fn opts() -> ModelOptions {
+    pub(super) fn opts() -> ModelOptions {
         ModelOptions {
             device: Device::Cpu,
             precision: Precision::Fp32,
@@ -458,6 +334,16 @@ mod tests {
             .map(|i| ((i / image) * 60 + (i * 37) % 16) as u8)
             .collect();
         (pixels, vec![0, 1, 2, 3])
+    }
+
+    /// [`batch`]'s pixels and labels as the four 75 px images they are, unnamed.
+    fn view_of<'a>(pixels: &'a [u8], labels: &'a [u32]) -> BatchView<'a> {
+        BatchView {
+            pixels,
+            shape: [4, 75, 75, 3],
+            labels,
+            names: None,
+        }
     }
 
     #[test]
@@ -496,12 +382,7 @@ mod tests {
         // on their initial running stats and blow the activations up.
         let mut st = TrainState::new(opts, Policy::All, 1.0, None).unwrap();
         let (pixels, labels) = batch();
-        let view = BatchView {
-            pixels: &pixels,
-            shape: [4, 75, 75, 3],
-            labels: &labels,
-            names: None,
-        };
+        let view = view_of(&pixels, &labels);
         // BatchNorms on 4 images make single steps noisy: compare the mean losses of the first
         // and last few of 20 steps.
         let mut losses = Vec::new();
@@ -521,12 +402,7 @@ mod tests {
         tch::manual_seed(0);
         let mut st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
         let (pixels, labels) = batch();
-        let view = BatchView {
-            pixels: &pixels,
-            shape: [4, 75, 75, 3],
-            labels: &labels,
-            names: None,
-        };
+        let view = view_of(&pixels, &labels);
         let mut tally = EvalTally::new(4);
         st.evaluate(view, &mut tally).unwrap();
         assert_eq!(tally.images(), 4);
@@ -538,49 +414,13 @@ mod tests {
     }
 
     #[test]
-    fn sync_names_cover_every_phase_and_tensors_round_trip() {
-        tch::manual_seed(0);
-        let mut a = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
-        let head = a.sync_names(&[Policy::Head]);
-        assert_eq!(head, ["fc.bias", "fc.weight"]);
-        let both = a.sync_names(&[Policy::Head, Policy::Reference]);
-        assert!(both.len() > head.len() && head.iter().all(|n| both.contains(n)));
-        assert!(both.iter().any(|n| n.ends_with("bn.running_mean")));
-
-        tch::manual_seed(1);
-        let b = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
-        let meta = HashMap::from([("variant".to_string(), "torchvision".to_string())]);
-        let bytes = b.tensors_bytes(&both, &meta).unwrap();
-        let file = tensor_file::from_bytes(Path::new("b"), &bytes).unwrap();
-        assert_eq!(file.metadata, meta);
-        assert_eq!(file.tensors.len(), both.len());
-        a.load_tensors("b", &file.tensors).unwrap();
-        let (va, vb) = (a.var_store().variables(), b.var_store().variables());
-        assert!(both.iter().all(|n| va[n].equal(&vb[n])));
-        // Still a leaf that trains.
-        assert!(va["fc.weight"].requires_grad());
-
-        let wrong = BTreeMap::from([(
-            "fc.bias".to_string(),
-            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
-        )]);
-        let err = a.load_tensors("upload", &wrong).unwrap_err().to_string();
-        assert!(err.contains("upload") && err.contains("fc.bias"), "{err}");
-    }
-
-    #[test]
     fn checkpoint_round_trip_restores_step_and_weights() {
         tch::manual_seed(0);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");
         let mut st = TrainState::new(opts(), Policy::Head, 1.0, None).unwrap();
         let (pixels, labels) = batch();
-        let view = BatchView {
-            pixels: &pixels,
-            shape: [4, 75, 75, 3],
-            labels: &labels,
-            names: None,
-        };
+        let view = view_of(&pixels, &labels);
         st.train_step(view, 1e-3).unwrap();
         st.save(&path, 1, 75).unwrap();
         let back = TrainState::resume(opts(), 1.0, &path).unwrap();
@@ -606,12 +446,7 @@ mod tests {
         plain.vs.copy(&cached.vs).unwrap();
         let (pixels, labels) = batch();
         let names: Vec<String> = (0..4).map(|i| format!("image_{i:05}.jpg")).collect();
-        let view = BatchView {
-            pixels: &pixels,
-            shape: [4, 75, 75, 3],
-            labels: &labels,
-            names: None,
-        };
+        let view = view_of(&pixels, &labels);
         let named = BatchView {
             names: Some(&names),
             ..view

@@ -1,41 +1,28 @@
 //! `flowersctl predict`: the most likely flowers in JPEG images under a trained checkpoint.
 //!
-//! Images go through the training pipeline's own code: `flowers_imaging::preprocess_jpeg`
+//! Images go through the training pipeline's own code: `flowers_preprocess::preprocess_files`
 //! (decode, centre square crop, bilinear resize: what the loader publishes) and then
-//! `flowers_model::to_model_input` (what the trainer feeds the model), without the random flip.
-//!
-//! Two kinds of checkpoint, told apart by `__metadata__.format`:
-//! - a trainer's (`flowers-checkpoint-v1`): every model variable plus `variant`, `num_classes`
-//!   and `img_size`; it is complete on its own.
-//! - a coordinator average (`flowers-average-v1`, what `--run` and `flowersctl download` get):
-//!   only the tensors workers sync (trainable parameters and training BatchNorms' running
-//!   stats); frozen layers are whatever the run started from, so they come from `--weights`
-//!   (whose metadata also gives the variant). Its class count is read off `fc.weight`; the image
-//!   size comes from the run's config (`--run`) or `--img-size`.
+//! `flowers_model::Classifier` (the trainer's `to_model_input` without the random flip, and the
+//! model). A checkpoint is a trainer's or a coordinator average (what `--run` and `flowersctl
+//! download` get; see `flowers_model::CheckpointKind`): an average holds only the synced tensors,
+//! the rest comes from `--weights`, and its image size from the run's config (`--run`) or
+//! `--img-size`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{ArgGroup, Args};
 use flowers_coordinator_client::CoordinatorClient;
 use flowers_dataset::ClassNames;
-use flowers_model::{
-    build_model, load_checkpoint, read_checkpoint_meta, tensor_file, to_model_input,
-    CheckpointMeta, InceptionV3, ModelConfig, Policy,
-};
-use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use flowers_model::{CheckpointKind, Classifier, DeviceChoice};
+use flowers_preprocess::preprocess_files;
+use strum::{EnumMessage, IntoEnumIterator};
 
 /// `cat_to_name.json` of Oxford 102 Flowers (1-based class -> name).
 const BUNDLED_CLASS_NAMES: &str = include_str!("../cat_to_name.json");
 /// Where `just weights` writes the pretrained backbone.
 const DEFAULT_WEIGHTS: &str = "weights/inception_v3_tf2015.safetensors";
-/// Images per forward pass: bounds memory on long image lists.
-const BATCH: usize = 16;
-
-const FORMAT_CHECKPOINT: &str = "flowers-checkpoint-v1";
-const FORMAT_AVERAGE: &str = "flowers-average-v1";
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("model").required(true).args(["checkpoint", "run"])))]
@@ -63,163 +50,21 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 5)]
     top: usize,
     /// Where the model runs.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
+    #[arg(long, default_value = "auto", value_parser = device_values())]
+    device: DeviceChoice,
     /// One JSON array: per image its path and top classes (1-based class, name, probability).
     #[arg(long)]
     json: bool,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy)]
-enum DeviceArg {
-    /// CUDA when available, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceArg {
-    fn resolve(self) -> anyhow::Result<Device> {
-        Ok(match self {
-            Self::Auto => Device::cuda_if_available(),
-            Self::Cpu => Device::Cpu,
-            Self::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-            Self::Cuda => bail!("--device cuda: no CUDA device is available"),
-        })
-    }
-}
-
-/// What the checkpoint file is, read from its header alone.
-#[derive(Debug)]
-enum CheckpointKind {
-    Trainer(CheckpointMeta),
-    Average,
-}
-
-fn checkpoint_kind(path: &Path) -> anyhow::Result<CheckpointKind> {
-    let meta = tensor_file::read_metadata(path)?;
-    match meta.get("format").map(String::as_str) {
-        Some(FORMAT_CHECKPOINT) => Ok(CheckpointKind::Trainer(read_checkpoint_meta(path)?)),
-        Some(FORMAT_AVERAGE) => Ok(CheckpointKind::Average),
-        other => bail!(
-            "{}: not a flowers checkpoint (__metadata__.format is {other:?}; expected \
-             {FORMAT_CHECKPOINT:?} from a trainer or {FORMAT_AVERAGE:?} from the coordinator)",
-            path.display()
-        ),
-    }
-}
-
-/// A model ready for inference. The VarStore owns the variables the model's tensors share.
-struct Loaded {
-    _vs: VarStore,
-    model: InceptionV3,
-}
-
-fn load_trainer_checkpoint(
-    path: &Path,
-    meta: &CheckpointMeta,
-    device: Device,
-) -> anyhow::Result<Loaded> {
-    let vs = VarStore::new(device);
-    let model = InceptionV3::new(
-        &vs.root(),
-        ModelConfig::new(meta.num_classes, meta.variant, meta.policy),
-    );
-    load_checkpoint(path, &vs, None)?;
-    Ok(Loaded { _vs: vs, model })
-}
-
-/// Builds the model from `weights` and puts every tensor of the average over it.
-fn load_average(
-    path: &Path,
-    weights: &Path,
-    num_classes_hint: Option<u32>,
-    device: Device,
-) -> anyhow::Result<Loaded> {
-    let file = tensor_file::read(path)?;
-    let fc = file.tensors.get("fc.weight").with_context(|| {
-        format!(
-            "{}: the average has no fc.weight, so it carries no trained classifier",
-            path.display()
-        )
-    })?;
-    let num_classes = fc.size()[0];
-    if let Some(want) = num_classes_hint {
-        ensure!(
-            num_classes == i64::from(want),
-            "{}: fc.weight has {num_classes} classes, the run has {want}",
-            path.display()
-        );
-    }
-    let vs = VarStore::new(device);
-    // The variant is the weights file's; the policy does not matter in eval mode.
-    let config = ModelConfig::new(num_classes, flowers_model::Variant::Tf2015, Policy::Head);
-    let (model, _) = build_model(&vs, config, Some(weights)).with_context(|| {
-        format!(
-            "{} is an averaged checkpoint (only the tensors workers sync); the rest comes from \
-             --weights, which must be the run's pretrained weights (`just weights`)",
-            path.display()
-        )
-    })?;
-    let vars: HashMap<String, Tensor> = vs.variables().into_iter().collect();
-    for (name, src) in &file.tensors {
-        let Some(var) = vars.get(name) else {
-            bail!(
-                "{}: tensor {name} is not a variable of InceptionV3",
-                path.display()
-            );
-        };
-        ensure!(
-            src.size() == var.size(),
-            "{}: tensor {name} has shape {:?}, the model needs {:?}",
-            path.display(),
-            src.size(),
-            var.size()
-        );
-        let mut var = var.shallow_clone();
-        tch::no_grad(|| var.f_copy_(src))?;
-    }
-    tracing::debug!(path = %path.display(), tensors = file.tensors.len(), "average applied");
-    Ok(Loaded { _vs: vs, model })
-}
-
-/// Reads and preprocesses every image with the loader's code into one `uint8 [N, S, S, 3]`
-/// buffer; the first unreadable or undecodable file ends it with an error naming the file.
-fn preprocess_images(paths: &[PathBuf], img_size: u32) -> anyhow::Result<Vec<u8>> {
-    let mut pixels = Vec::with_capacity(paths.len() * (img_size as usize).pow(2) * 3);
-    for path in paths {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let image = flowers_imaging::preprocess_jpeg(&bytes, img_size).with_context(|| {
-            format!(
-                "{}: not an image predict can read (JPEG expected)",
-                path.display()
-            )
-        })?;
-        pixels.extend_from_slice(&image);
-    }
-    Ok(pixels)
-}
-
-/// Class probabilities (softmax of the logits) of each image, `[N][num_classes]`.
-fn probabilities(
-    model: &InceptionV3,
-    pixels: &[u8],
-    img_size: u32,
-    device: Device,
-) -> anyhow::Result<Vec<Vec<f32>>> {
-    let s = i64::from(img_size);
-    let image_bytes = (img_size as usize).pow(2) * 3;
-    let mut out = Vec::new();
-    for chunk in pixels.chunks(BATCH * image_bytes) {
-        let n = (chunk.len() / image_bytes) as i64;
-        let batch = Tensor::from_slice(chunk).view([n, s, s, 3]);
-        let x = to_model_input(&batch, device, false)?;
-        let probs = tch::no_grad(|| model.forward_t(&x, false))
-            .softmax(-1, Kind::Float)
-            .to_device(Device::Cpu);
-        out.extend(Vec::<Vec<f32>>::try_from(&probs)?);
-    }
-    Ok(out)
+/// `--device`'s names and their help, as [`DeviceChoice`] has them.
+fn device_values() -> impl TypedValueParser<Value = DeviceChoice> {
+    let values = DeviceChoice::iter()
+        .map(|choice| PossibleValue::new(<&'static str>::from(choice)).help(choice.get_message()));
+    PossibleValuesParser::new(values).map(|name| {
+        name.parse::<DeviceChoice>()
+            .expect("every possible value is a DeviceChoice")
+    })
 }
 
 /// The `k` most likely classes `(0-based class, probability)`, most likely first (ties: lower
@@ -287,7 +132,7 @@ pub async fn predict(client: &CoordinatorClient, args: PredictArgs) -> anyhow::R
     let resolved = resolve(client, &args).await?;
     let path = resolved.path.as_path();
     // Size first (headers only), so that a bad image fails before the slow model load.
-    let kind = checkpoint_kind(path)?;
+    let kind = CheckpointKind::of(path)?;
     let trained_size = match &kind {
         // 0: the trainer saved before it saw a batch, so it did not know the size.
         CheckpointKind::Trainer(meta) => u32::try_from(meta.img_size).ok().filter(|&s| s > 0),
@@ -311,16 +156,27 @@ pub async fn predict(client: &CoordinatorClient, args: PredictArgs) -> anyhow::R
             path.display()
         ),
     };
-    let pixels = preprocess_images(&args.images, img_size)?;
+    let pixels = preprocess_files(&args.images, img_size)?;
 
     let device = args.device.resolve()?;
-    let loaded = match kind {
-        CheckpointKind::Trainer(meta) => load_trainer_checkpoint(path, &meta, device)?,
-        CheckpointKind::Average => {
-            load_average(path, &args.weights, resolved.run_num_classes, device)?
-        }
+    let model = match kind {
+        CheckpointKind::Trainer(meta) => Classifier::from_checkpoint(path, &meta, device)?,
+        CheckpointKind::Average => Classifier::from_average(
+            path,
+            &args.weights,
+            resolved.run_num_classes.map(i64::from),
+            device,
+        )
+        .with_context(|| {
+            format!(
+                "{} is an averaged checkpoint (only the tensors workers sync); the rest comes \
+                 from --weights {}, which must be the run's pretrained weights (`just weights`)",
+                path.display(),
+                args.weights.display()
+            )
+        })?,
     };
-    let num_classes = loaded.model.config().num_classes as usize;
+    let num_classes = model.num_classes() as usize;
     if names.len() != num_classes {
         tracing::warn!(
             names = names.len(),
@@ -328,7 +184,7 @@ pub async fn predict(client: &CoordinatorClient, args: PredictArgs) -> anyhow::R
             "the class names do not match the model's class count"
         );
     }
-    let probs = probabilities(&loaded.model, &pixels, img_size, device)?;
+    let probs = model.probabilities(&pixels, img_size)?;
     let results: Vec<(&PathBuf, Vec<(usize, f32)>)> = args
         .images
         .iter()
@@ -388,6 +244,8 @@ fn render_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowers_model::to_model_input;
+    use tch::{Device, Tensor};
 
     fn jpeg(width: usize, height: usize) -> Vec<u8> {
         let rgb: Vec<u8> = (0..width * height * 3)
@@ -407,7 +265,7 @@ mod tests {
         std::fs::write(&paths[0], &wide).unwrap();
         std::fs::write(&paths[1], &tall).unwrap();
 
-        let pixels = preprocess_images(&paths, 75).unwrap();
+        let pixels = preprocess_files(&paths, 75).unwrap();
         let mut loader = flowers_imaging::JpegPreprocessor::new().unwrap();
         let mut want = vec![0u8; 2 * 75 * 75 * 3];
         let (a, b) = want.split_at_mut(75 * 75 * 3);
@@ -420,20 +278,6 @@ mod tests {
         assert_eq!(x.size(), [2, 3, 75, 75]);
         let first = f64::from(want[0]) / 127.5 - 1.0;
         assert!((x.double_value(&[0, 0, 0, 0]) - first).abs() < 1e-6);
-    }
-
-    #[test]
-    fn a_non_jpeg_is_named_in_the_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let good = dir.path().join("good.jpg");
-        let bad = dir.path().join("notes.txt");
-        std::fs::write(&good, jpeg(80, 80)).unwrap();
-        std::fs::write(&bad, b"just some text").unwrap();
-        let err = format!("{:#}", preprocess_images(&[good, bad], 75).unwrap_err());
-        assert!(err.contains("notes.txt") && err.contains("JPEG"), "{err}");
-        let missing = dir.path().join("missing.jpg");
-        let err = format!("{:#}", preprocess_images(&[missing], 75).unwrap_err());
-        assert!(err.contains("missing.jpg"), "{err}");
     }
 
     #[test]
@@ -450,19 +294,5 @@ mod tests {
         assert_eq!(names.name(0), Some("pink primrose"));
         assert_eq!(names.name(101), Some("blackberry lily"));
         assert_eq!(class_name(&names, 102), "class 103");
-    }
-
-    #[test]
-    fn an_unknown_file_format_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("other.safetensors");
-        let t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
-        let meta = HashMap::from([("variant".to_string(), "tf2015".to_string())]);
-        tensor_file::write(&path, [("x", &t)], &meta).unwrap();
-        let err = checkpoint_kind(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("other.safetensors") && err.contains("not a flowers checkpoint"),
-            "{err}"
-        );
     }
 }

@@ -6,10 +6,10 @@ use flowers_broker::{connect, delete_run_queues, PublisherOptions, RunLayout, DE
 use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
-use flowers_loader::preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_loader::{
     evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, RunSummary,
 };
+use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_proto::run_id;
 use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;

@@ -7,14 +7,15 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowers_broker::DEFAULT_BROKER_URL;
 use flowers_coordinator_client::{ClientConfig, WorkerInfo};
-use flowers_model::{OptimizerKind, Policy};
+use flowers_model::{DeviceChoice, OptimizerKind, Policy};
 use flowers_trainer::bench::{bench, BenchOptions};
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
-use flowers_trainer::device::{gpu_name, DeviceChoice, Precision};
+use flowers_trainer::coordination::Standalone;
+use flowers_trainer::device::{gpu_name, Precision};
 use flowers_trainer::evaluate::{evaluate, parse_split, EvaluateOptions};
 use flowers_trainer::gpu_claim::{claim_gpu, GpuClaim};
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe, ScheduleKind};
-use flowers_trainer::run::{run, RunOptions, RunOutcome, Standalone};
+use flowers_trainer::run::{run, RunOptions, RunOutcome};
 use flowers_trainer::shutdown;
 use flowers_trainer::state::ModelOptions;
 

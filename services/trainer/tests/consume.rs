@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use common::*;
 use flowers_broker::train_queue;
 use flowers_model::{read_checkpoint_meta, Policy};
+use flowers_trainer::coordination::{Coordination, Standalone};
 use flowers_trainer::metrics::{EvalMetrics, StepMetrics};
+use flowers_trainer::progress::EpochProgress;
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
-use flowers_trainer::run::{run, Coordination, RunOptions, RunOutcome, StageContext, Standalone};
-use flowers_trainer::state::TrainState;
-use flowers_trainer::worker::Worker;
+use flowers_trainer::run::{run, RunOptions, RunOutcome};
 use flowers_trainer::TrainError;
 use flowers_wire::{encode_batch, DEFAULT_MAX_MESSAGE_BYTES};
 
@@ -26,21 +26,19 @@ struct Recorder {
 }
 
 impl Coordination for Recorder {
-    async fn stage_done(&mut self, ctx: StageContext<'_>) -> Result<bool, TrainError> {
-        self.inner.stage_done(ctx).await
+    async fn stage_done(&mut self, p: &EpochProgress, idle: bool) -> Result<bool, TrainError> {
+        self.inner.stage_done(p, idle).await
+    }
+    fn alone(&self) -> bool {
+        self.inner.alone()
     }
     async fn step_done(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
         assert!(m.loss.is_finite() && m.images > 0 && m.step_secs > 0.0);
         *self.trained.entry((m.epoch, m.batch_index)).or_default() += 1;
         Ok(())
     }
-    async fn before_validation(
-        &mut self,
-        e: u32,
-        part: u32,
-        w: &Worker<TrainState>,
-    ) -> Result<(), TrainError> {
-        self.inner.before_validation(e, part, w).await
+    async fn before_validation(&mut self, e: u32, part: u32) -> Result<(), TrainError> {
+        self.inner.before_validation(e, part).await
     }
     async fn should_validate(&mut self, e: u32) -> Result<bool, TrainError> {
         self.inner.should_validate(e).await

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,8 +16,9 @@ use flowers_coordinator_client::{CoordinatorClient, WorkerInfo};
 use flowers_model::{tensor_file, Policy};
 use flowers_proto::v1 as pb;
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
+use flowers_trainer::coordination::Coordination;
 use flowers_trainer::recipe::{Hyper, Overrides, Recipe};
-use flowers_trainer::run::{run, Coordination, RunOptions, RunOutcome};
+use flowers_trainer::run::{run, RunOptions, RunOutcome};
 use flowers_trainer::state::TrainState;
 use flowers_trainer::worker::Worker;
 
@@ -196,11 +198,13 @@ async fn two_trainers_share_a_run_through_the_coordinator() {
     // A late joiner starts from the run's latest average.
     let mut late = join("late").await.unwrap();
     assert!(late.run_finished());
-    let worker = Worker::spawn("late", || {
-        TrainState::new(cpu_model(false), Policy::Head, 1.0, None)
-    })
-    .await
-    .unwrap();
+    let worker = Arc::new(
+        Worker::spawn("late", || {
+            TrainState::new(cpu_model(false), Policy::Head, 1.0, None)
+        })
+        .await
+        .unwrap(),
+    );
     late.started(&worker, &[Policy::Head]).await.unwrap();
     let (_, latest) = client
         .get_checkpoint(&run_id, Some(&status.latest_checkpoint_id))

@@ -1,23 +1,18 @@
-//! Decodes the archive once, in parallel, into a disk-backed [`PixelStore`].
-//!
-//! A gzip stream cannot be read at random, and every epoch wants a fresh order, so the images are
-//! decoded, centre-cropped and resized once; each epoch then reads fixed-size records back with
-//! positional reads. One thread streams the archive; JPEG bytes reach a rayon pool of the other
-//! `threads - 1` workers through a bounded channel, so memory stays bounded whatever the archive
-//! size (the pixels live in the store file, only an index is kept in memory).
+//! The decoding pipeline: one thread streams the archive; JPEG bytes reach a rayon pool of the
+//! other `threads - 1` workers through a bounded channel, so memory stays bounded whatever the
+//! archive size (the pixels go to a sink, e.g. the [`PixelStore`] file; only an index is kept in
+//! memory).
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, TrySendError};
 use std::time::{Duration, Instant};
 
-use flowers_dataset::{ArchiveImage, ArchiveReader, DatasetError, Labels};
+use flowers_dataset::{ArchiveImage, ArchiveReader, Labels};
 use flowers_imaging::JpegPreprocessor;
 use rayon::iter::{ParallelBridge, ParallelIterator};
+
+use crate::store::{image_bytes, PixelStore};
+use crate::PreprocessError;
 
 /// How to preprocess.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,131 +56,6 @@ pub struct Skipped {
     pub reason: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PreprocessError {
-    #[error(transparent)]
-    Dataset(#[from] DatasetError),
-    #[error("{archive}: {file_name} (image {number}) has no label: the labels cover images 1..={labelled}")]
-    MissingLabel {
-        archive: PathBuf,
-        file_name: String,
-        number: u32,
-        labelled: usize,
-    },
-    #[error("pixel store {path}: {source}")]
-    Store {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("image {number} is not in the pixel store")]
-    NotStored { number: u32 },
-    #[error("output buffer holds {got} bytes, an image is {expected}")]
-    BufferSize { expected: usize, got: usize },
-    #[error("invalid preprocessing options: {0}")]
-    Options(String),
-    #[error("cannot start decoding: {0}")]
-    Startup(String),
-}
-
-/// Preprocessed images as fixed-size RGB HWC records in a file, read back by image number.
-///
-/// The file is unlinked as soon as it is created, so it disappears with the store (or the
-/// process) and never outlives a crash.
-#[derive(Debug)]
-pub struct PixelStore {
-    file: File,
-    path: PathBuf,
-    img_size: u32,
-    image_bytes: usize,
-    slots: HashMap<u32, u64>,
-}
-
-impl PixelStore {
-    fn create(cache_dir: &Path, img_size: u32) -> Result<Self, PreprocessError> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = cache_dir.join(format!(
-            "flowers-pixels-{}-{}-{img_size}.bin",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let store_err = |source| PreprocessError::Store {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(cache_dir).map_err(store_err)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(store_err)?;
-        std::fs::remove_file(&path).map_err(store_err)?;
-        Ok(Self {
-            file,
-            path,
-            img_size,
-            image_bytes: image_bytes(img_size),
-            slots: HashMap::new(),
-        })
-    }
-
-    fn write(&self, slot: u64, pixels: &[u8]) -> Result<(), PreprocessError> {
-        self.file
-            .write_all_at(pixels, slot * self.image_bytes as u64)
-            .map_err(|source| PreprocessError::Store {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
-    pub fn img_size(&self) -> u32 {
-        self.img_size
-    }
-
-    /// Bytes of one image: `img_size * img_size * 3`.
-    pub fn image_bytes(&self) -> usize {
-        self.image_bytes
-    }
-
-    /// How many images the store holds.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    pub fn contains(&self, number: u32) -> bool {
-        self.slots.contains_key(&number)
-    }
-
-    /// Copies image `number` (RGB HWC) into `out`, which must be [`Self::image_bytes`] long.
-    pub fn copy_into(&self, number: u32, out: &mut [u8]) -> Result<(), PreprocessError> {
-        if out.len() != self.image_bytes {
-            return Err(PreprocessError::BufferSize {
-                expected: self.image_bytes,
-                got: out.len(),
-            });
-        }
-        let slot = *self
-            .slots
-            .get(&number)
-            .ok_or(PreprocessError::NotStored { number })?;
-        self.file
-            .read_exact_at(out, slot * self.image_bytes as u64)
-            .map_err(|source| PreprocessError::Store {
-                path: self.path.clone(),
-                source,
-            })
-    }
-}
-
-fn image_bytes(img_size: u32) -> usize {
-    img_size as usize * img_size as usize * 3
-}
-
 /// The result of [`preprocess_archive`].
 #[derive(Debug)]
 pub struct Preprocessed {
@@ -213,11 +83,12 @@ pub fn preprocess_archive(
     let outcome = run_pipeline(archive, labels, opts, |slot, pixels| {
         store.write(slot, pixels)
     })?;
-    store.slots = outcome
-        .decoded
-        .iter()
-        .map(|(slot, info)| (info.number, *slot))
-        .collect();
+    store.index(
+        outcome
+            .decoded
+            .iter()
+            .map(|(slot, info)| (info.number, *slot)),
+    );
     let mut images: Vec<ImageInfo> = outcome.decoded.into_iter().map(|(_, i)| i).collect();
     images.sort_unstable_by_key(|i| i.number);
     let elapsed = start.elapsed();
@@ -239,7 +110,7 @@ pub fn preprocess_archive(
 }
 
 /// What the pipeline did with an archive.
-pub(crate) struct PipelineOutcome {
+pub struct PipelineOutcome {
     /// (store slot = position among the archive's images, image).
     pub decoded: Vec<(u64, ImageInfo)>,
     pub skipped: Vec<Skipped>,
@@ -306,13 +177,14 @@ impl Decoder {
 }
 
 /// Streams `archive` and decodes its images on `opts.threads` threads in all, handing each
-/// image's pixels and slot to `sink`. Shared by [`preprocess_archive`] and the benchmark.
+/// image's pixels and slot to `sink`. Shared by [`preprocess_archive`] and the loader's
+/// benchmark.
 ///
 /// The thread that streams the archive counts among them: it hands JPEGs to the other
 /// `threads - 1` through a bounded queue and decodes one itself whenever the queue is full, so
 /// that `--threads N` keeps N cores busy (gunzip alone takes a fifth of one) and one thread
 /// reads and decodes in turn.
-pub(crate) fn run_pipeline<F>(
+pub fn run_pipeline<F>(
     archive: &Path,
     labels: &Labels,
     opts: &PreprocessOptions,
