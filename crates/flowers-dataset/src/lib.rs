@@ -2,8 +2,10 @@
 
 mod archive;
 mod mat;
+#[cfg(feature = "testing")]
 pub mod matwriter;
 mod split;
+#[cfg(feature = "testing")]
 pub mod tarwriter;
 
 use std::path::PathBuf;
