@@ -12,9 +12,9 @@ fn read_mat(path: &Path) -> Result<MatFile, DatasetError> {
         path: path.to_path_buf(),
         source,
     })?;
-    MatFile::parse(std::io::BufReader::new(file)).map_err(|e| DatasetError::MatParse {
+    MatFile::parse(std::io::BufReader::new(file)).map_err(|source| DatasetError::MatParse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -218,17 +218,17 @@ impl ClassNames {
     /// Parses `cat_to_name.json` text already in memory (e.g. a copy bundled in a binary);
     /// `origin` is what errors name.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, DatasetError> {
-        let bad = |message: String| DatasetError::ClassNames {
-            path: PathBuf::from(origin),
-            message,
-        };
+        let path = || PathBuf::from(origin);
         let map: HashMap<String, String> =
-            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(text).map_err(|source| DatasetError::ClassNames {
+                path: path(),
+                source,
+            })?;
         let by_label = map
             .into_iter()
             .map(|(key, name)| match key.trim().parse::<u32>() {
                 Ok(class) if class >= 1 => Ok((class - 1, name)),
-                _ => Err(bad(format!("key `{key}` is not a class number >= 1"))),
+                _ => Err(DatasetError::ClassNumber { path: path(), key }),
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { by_label })
