@@ -55,6 +55,10 @@
 //! # Where the broker is
 //! [`broker_url_from_env`]: `FLOWERS_BROKER_URL`, else `AMQP_URL`, else [`DEFAULT_BROKER_URL`],
 //! what every service uses without `--broker-url`.
+//!
+//! Errors are [`BrokerError`]s. The crate moves [`flowers_wire`] batches, checked with that
+//! crate's rules on receipt, and must not depend on the data set, imaging, the loader, the
+//! model, the trainer or the coordinator.
 
 mod connection;
 mod consumer;

@@ -1,4 +1,9 @@
 //! Protobuf and gRPC types generated from `proto/flowers/v1`.
+//!
+//! [`v1`] holds the messages (`Batch`, `RunConfig`, ...), the `Coordinator` service's client
+//! and server, and the descriptor set for reflection; [`interim_evaluation_after`] is the one
+//! rule the loader and the coordinator must share beyond the messages. Generated code only:
+//! it must not depend on any other crate of the workspace.
 
 pub mod v1 {
     tonic::include_proto!("flowers.v1");
