@@ -1,11 +1,14 @@
 //! `flowersctl plot`: training loss/accuracy and validation accuracy per epoch,
 //! as SVG or PNG. Text is laid out (and, in PNGs, drawn) with a font compiled
 //! into the binary, so it renders the same on machines without system fonts.
+//! PNGs are drawn into an RGB buffer and encoded with `image`, the workspace's one
+//! image codec crate (plotters' own encoder would build a second, older `image`).
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use flowers_proto::v1 as pb;
+use image::{ExtendedColorType, ImageFormat};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -180,8 +183,24 @@ pub fn plot(status: &pb::RunStatus, output: &Path) -> anyhow::Result<()> {
     match ext.as_deref() {
         Some("svg") => draw(SVGBackend::new(output, SIZE).into_drawing_area(), status)
             .map_err(|e| anyhow!("drawing {}: {e:?}", output.display())),
-        Some("png") => draw(BitMapBackend::new(output, SIZE).into_drawing_area(), status)
-            .map_err(|e| anyhow!("drawing {}: {e:?}", output.display())),
+        Some("png") => {
+            let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+            draw(
+                BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(),
+                status,
+            )
+            .map_err(|e| anyhow!("drawing {}: {e:?}", output.display()))?;
+            let (width, height) = SIZE;
+            image::save_buffer_with_format(
+                output,
+                &rgb,
+                width,
+                height,
+                ExtendedColorType::Rgb8,
+                ImageFormat::Png,
+            )
+            .with_context(|| format!("writing {}", output.display()))
+        }
         _ => bail!(
             "{}: the plot file must end in .png or .svg",
             output.display()
