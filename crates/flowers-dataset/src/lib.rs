@@ -8,7 +8,7 @@
 //!   [`epoch_order`], each epoch's seeded training order;
 //! - [`DatasetError`]: every error names the file it is about.
 //!
-//! With the `testing` feature, [`matwriter`] and [`tarwriter`] write small look-alike files for
+//! With the `testing` feature, `matwriter` and `tarwriter` write small look-alike files for
 //! tests.
 //!
 //! It reads files and knows nothing of images' pixels, the broker, the wire format or the
