@@ -1,14 +1,15 @@
 //! `flowersctl plot`: training loss/accuracy and validation accuracy per epoch,
 //! as SVG or PNG. Text is laid out (and, in PNGs, drawn) with a font compiled
 //! into the binary, so it renders the same on machines without system fonts.
-//! PNGs are drawn into an RGB buffer and encoded with `image`, the workspace's one
-//! image codec crate (plotters' own encoder would build a second, older `image`).
+//! PNGs are drawn into an RGB buffer and encoded with the `png` crate: plotters' own
+//! encoder would build the whole of an `image` crate for it (BENCHMARKS.md, "Build").
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
 use flowers_proto::v1 as pb;
-use image::{ExtendedColorType, ImageFormat};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -190,20 +191,22 @@ pub fn plot(status: &pb::RunStatus, output: &Path) -> anyhow::Result<()> {
                 status,
             )
             .map_err(|e| anyhow!("drawing {}: {e:?}", output.display()))?;
-            let (width, height) = SIZE;
-            image::save_buffer_with_format(
-                output,
-                &rgb,
-                width,
-                height,
-                ExtendedColorType::Rgb8,
-                ImageFormat::Png,
-            )
-            .with_context(|| format!("writing {}", output.display()))
+            write_png(output, &rgb).with_context(|| format!("writing {}", output.display()))
         }
         _ => bail!(
             "{}: the plot file must end in .png or .svg",
             output.display()
         ),
     }
+}
+
+/// Writes a [`SIZE`] RGB image as an 8-bit PNG.
+fn write_png(path: &Path, rgb: &[u8]) -> anyhow::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(File::create(path)?), SIZE.0, SIZE.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(())
 }
