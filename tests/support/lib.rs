@@ -13,12 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-/// The broker under test: `FLOWERS_BROKER_URL`, else `AMQP_URL`, else the local default.
-pub fn broker_url() -> String {
-    std::env::var("FLOWERS_BROKER_URL")
-        .or_else(|_| std::env::var("AMQP_URL"))
-        .unwrap_or_else(|_| flowers_broker::DEFAULT_BROKER_URL.to_string())
-}
+/// The broker under test: the one the services find without `--broker-url`.
+pub use flowers_broker::broker_url_from_env as broker_url;
 
 /// The `loader` binary of this workspace (see [`workspace_binary`]).
 pub fn loader_binary() -> PathBuf {

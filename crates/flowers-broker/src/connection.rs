@@ -11,6 +11,14 @@ use tracing::warn;
 /// The local broker of the development setup (guest/guest, vhost `/`).
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The broker the environment names: `FLOWERS_BROKER_URL`, else `AMQP_URL`, else
+/// [`DEFAULT_BROKER_URL`]. The services use it when no `--broker-url` is given.
+pub fn broker_url_from_env() -> String {
+    std::env::var("FLOWERS_BROKER_URL")
+        .or_else(|_| std::env::var("AMQP_URL"))
+        .unwrap_or_else(|_| DEFAULT_BROKER_URL.to_string())
+}
+
 /// Opens one connection (one attempt). `name` shows in the management UI.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());

@@ -1,3 +1,6 @@
+//! [`BrokerError`], with the lapin error kept as its source where RabbitMQ was involved, and
+//! [`redact_url`], which every error and log line naming a broker URL goes through.
+
 use flowers_wire::WireError;
 use lapin::protocol::AMQPErrorKind;
 use lapin::ErrorKind;

@@ -51,6 +51,14 @@
 //!
 //! # Housekeeping
 //! [`message_count`] (ready messages in a queue), [`purge_queue`] and [`delete_run_queues`].
+//!
+//! # Where the broker is
+//! [`broker_url_from_env`]: `FLOWERS_BROKER_URL`, else `AMQP_URL`, else [`DEFAULT_BROKER_URL`],
+//! what every service uses without `--broker-url`.
+//!
+//! Errors are [`BrokerError`]s. The crate moves [`flowers_wire`] batches, checked with that
+//! crate's rules on receipt, and must not depend on the data set, imaging, the loader, the
+//! model, the trainer or the coordinator.
 
 mod connection;
 mod consumer;
@@ -59,7 +67,9 @@ pub mod names;
 mod publisher;
 mod topology;
 
-pub use connection::{connect, connect_with_backoff, Backoff, DEFAULT_BROKER_URL};
+pub use connection::{
+    broker_url_from_env, connect, connect_with_backoff, Backoff, DEFAULT_BROKER_URL,
+};
 pub use consumer::{Consumer, Delivery};
 pub use error::{redact_url, BrokerError};
 pub use lapin::Connection;

@@ -153,12 +153,17 @@ pub struct Images<'a> {
 }
 
 impl Images<'_> {
-    fn broken(&mut self, message: String) -> Option<Result<ArchiveImage, DatasetError>> {
+    /// Ends the iteration on `error`.
+    fn broken(&mut self, error: DatasetError) -> Option<Result<ArchiveImage, DatasetError>> {
         self.done = true;
-        Some(Err(DatasetError::Archive {
+        Some(Err(error))
+    }
+
+    fn truncated(&mut self, message: String) -> Option<Result<ArchiveImage, DatasetError>> {
+        self.broken(DatasetError::Archive {
             path: self.path.to_path_buf(),
             message,
-        }))
+        })
     }
 }
 
@@ -169,18 +174,26 @@ impl Iterator for Images<'_> {
         while !self.done {
             let mut entry = match self.entries.next() {
                 None if self.hit_eof.load(Ordering::Relaxed) => {
-                    return self.broken("input ends before the end-of-archive marker".into())
+                    return self.truncated("input ends before the end-of-archive marker".into())
                 }
                 None => {
                     // Past the marker there is only padding; reading it to the end makes the
                     // gzip decoder verify its checksum and length trailer.
-                    if let Err(e) = io::copy(&mut *lock(self.stream), &mut io::sink()) {
-                        return self.broken(format!("after the end-of-archive marker: {e}"));
+                    if let Err(source) = io::copy(&mut *lock(self.stream), &mut io::sink()) {
+                        return self.broken(DatasetError::ArchiveTrailer {
+                            path: self.path.to_path_buf(),
+                            source,
+                        });
                     }
                     self.done = true;
                     return None;
                 }
-                Some(Err(e)) => return self.broken(e.to_string()),
+                Some(Err(source)) => {
+                    return self.broken(DatasetError::ArchiveHeader {
+                        path: self.path.to_path_buf(),
+                        source,
+                    })
+                }
                 Some(Ok(entry)) => entry,
             };
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -194,19 +207,22 @@ impl Iterator for Images<'_> {
             };
             let size = entry.size();
             let mut bytes = Vec::with_capacity(size as usize);
-            if let Err(e) = entry.read_to_end(&mut bytes) {
-                return self.broken(format!("{name}: {e}"));
+            if let Err(source) = entry.read_to_end(&mut bytes) {
+                return self.broken(DatasetError::ArchiveMember {
+                    path: self.path.to_path_buf(),
+                    member: name,
+                    source,
+                });
             }
             // A short read is not an error for the tar reader: the input just ended.
             if bytes.len() as u64 != size {
-                return self.broken(format!("{name}: has {} of {size} bytes", bytes.len()));
+                return self.truncated(format!("{name}: has {} of {size} bytes", bytes.len()));
             }
             if !self.seen.insert(number) {
-                self.done = true;
-                return Some(Err(DatasetError::DuplicateImage {
+                return self.broken(DatasetError::DuplicateImage {
                     path: self.path.to_path_buf(),
                     member: name,
-                }));
+                });
             }
             return Some(Ok(ArchiveImage {
                 name,

@@ -1,9 +1,7 @@
 //! `imagelabels.mat`, `setid.mat` and `cat_to_name.json`.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use matfile::{MatFile, NumericData};
 
@@ -14,9 +12,9 @@ fn read_mat(path: &Path) -> Result<MatFile, DatasetError> {
         path: path.to_path_buf(),
         source,
     })?;
-    MatFile::parse(std::io::BufReader::new(file)).map_err(|e| DatasetError::MatParse {
+    MatFile::parse(std::io::BufReader::new(file)).map_err(|source| DatasetError::MatParse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -127,41 +125,41 @@ impl Labels {
     }
 }
 
-/// One of the official id lists of `setid.mat`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One of the official id lists of `setid.mat`; parses case-insensitively from, and displays as,
+/// its variable name.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[strum(
+    serialize_all = "lowercase",
+    ascii_case_insensitive,
+    parse_err_ty = String,
+    parse_err_fn = unknown_set
+)]
 pub enum SetName {
     Trnid,
     Valid,
     Tstid,
 }
 
-impl SetName {
-    pub const ALL: [SetName; 3] = [SetName::Trnid, SetName::Valid, SetName::Tstid];
+fn unknown_set(name: &str) -> String {
+    format!("unknown set `{name}` (expected trnid, valid or tstid)")
+}
 
+impl SetName {
     /// The variable name in `setid.mat`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            SetName::Trnid => "trnid",
-            SetName::Valid => "valid",
-            SetName::Tstid => "tstid",
-        }
-    }
-}
-
-impl fmt::Display for SetName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SetName {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SetName::ALL
-            .into_iter()
-            .find(|n| n.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown set `{s}` (expected trnid, valid or tstid)"))
+        self.into()
     }
 }
 
@@ -220,17 +218,17 @@ impl ClassNames {
     /// Parses `cat_to_name.json` text already in memory (e.g. a copy bundled in a binary);
     /// `origin` is what errors name.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, DatasetError> {
-        let bad = |message: String| DatasetError::ClassNames {
-            path: PathBuf::from(origin),
-            message,
-        };
+        let path = || PathBuf::from(origin);
         let map: HashMap<String, String> =
-            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(text).map_err(|source| DatasetError::ClassNames {
+                path: path(),
+                source,
+            })?;
         let by_label = map
             .into_iter()
             .map(|(key, name)| match key.trim().parse::<u32>() {
                 Ok(class) if class >= 1 => Ok((class - 1, name)),
-                _ => Err(bad(format!("key `{key}` is not a class number >= 1"))),
+                _ => Err(DatasetError::ClassNumber { path: path(), key }),
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { by_label })
@@ -368,6 +366,12 @@ mod tests {
         assert_eq!("valid".parse::<SetName>(), Ok(SetName::Valid));
         assert_eq!("TSTID".parse::<SetName>(), Ok(SetName::Tstid));
         assert!("test".parse::<SetName>().is_err());
+        assert_eq!(
+            "test".parse::<SetName>().unwrap_err(),
+            "unknown set `test` (expected trnid, valid or tstid)"
+        );
+        assert_eq!(SetName::Trnid.to_string(), "trnid");
+        assert_eq!(SetName::Tstid.as_str(), "tstid");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A minimal MAT v5 (level 5) writer: uncompressed, named, real double matrices.
 //!
-//! Only what tests need to produce `imagelabels.mat` / `setid.mat` look-alikes; public so that
-//! other crates' tests can use it too.
+//! Only what tests need to produce `imagelabels.mat` / `setid.mat` look-alikes; behind the
+//! `testing` feature, so that other crates' tests can use it too.
 
 use std::io;
 use std::path::Path;

@@ -1,4 +1,5 @@
-//! Writes small tar / tar.gz archives, so tests across the workspace can make data sets.
+//! Writes small tar / tar.gz archives, so tests across the workspace can make data sets
+//! (feature `testing`).
 
 use std::io::{self, Write};
 use std::path::Path;

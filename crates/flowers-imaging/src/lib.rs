@@ -17,6 +17,11 @@
 //!
 //! Greyscale JPEGs are expanded to RGB by libjpeg; CMYK/YCCK JPEGs are decoded as CMYK and
 //! converted here (libjpeg cannot convert them to RGB).
+//!
+//! Main types: [`JpegPreprocessor`] (one per thread: decoder, resizer and buffers reused) and
+//! [`ImageError`]. The loader and `flowersctl predict` both preprocess through it, so that
+//! training and prediction see the same pixels; it must not depend on any other crate of the
+//! workspace.
 
 mod fast_decode;
 

@@ -7,6 +7,12 @@
 //! `val.E`, and interim validations to `val.E.p` where asked, each confirmed
 //! by the broker). Between the two, a caller can
 //! register the run with the coordinator using [`Prepared::run_config`].
+//!
+//! Also: [`plan`] (which images go into which batch of which epoch), [`bench`] (decode
+//! throughput) and [`publish_bench`]. Errors are [`LoaderError`]s.
+//!
+//! It produces batches and must not depend on the model, the trainer or the coordinator (the
+//! `loader` service does the registering).
 
 pub mod bench;
 mod pipeline;

@@ -61,8 +61,9 @@ pub enum LoaderError {
     Config(String),
     #[error("{archive}: no training images after the split ({images} decodable images)")]
     NoTrainingImages { archive: PathBuf, images: usize },
+    /// A blocking task (preparing, or assembling batches) panicked or was cancelled.
     #[error("batch assembly stopped: {0}")]
-    Assembly(String),
+    Assembly(#[from] tokio::task::JoinError),
 }
 
 impl From<BrokerError> for LoaderError {
@@ -305,9 +306,7 @@ impl Prepared {
 pub async fn run(cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
     let prepared = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || prepare(&cfg))
-            .await
-            .map_err(|e| LoaderError::Assembly(e.to_string()))??
+        tokio::task::spawn_blocking(move || prepare(&cfg)).await??
     };
     log_prepared(&prepared);
     prepared.publish(cfg).await
@@ -357,9 +356,7 @@ async fn publish_plan(
         epoch = Some(batch.epoch);
         publisher.publish(&batch).await?;
     }
-    assembly
-        .await
-        .map_err(|e| LoaderError::Assembly(e.to_string()))?;
+    assembly.await?;
     if let Some(e) = epoch {
         finish_epoch(publisher, e, epoch_started.elapsed()).await?;
     }

@@ -1,4 +1,6 @@
-//! One tracing setup for every service binary.
+//! One tracing setup for every service binary: [`init`] (stderr, filtered by `RUST_LOG`).
+//!
+//! Binaries only call it; it must not depend on any other crate of the workspace.
 
 use tracing_subscriber::EnvFilter;
 

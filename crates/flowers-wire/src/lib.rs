@@ -12,6 +12,10 @@
 //! * [`decode_and_verify`] is what consumers call on every payload; it checks
 //!   checksum, dtype, shape, label and file name counts, and label range.
 //! * [`Dims`] gives a verified batch's dimensions.
+//!
+//! Pure functions on bytes and messages: it depends on `flowers-proto` for the types and on
+//! nothing that does I/O (no broker, no data set, no image codec), so that both ends of the
+//! queue agree on one definition of a valid batch.
 
 pub use flowers_proto::v1::{Batch, DType, Split};
 use prost::Message;

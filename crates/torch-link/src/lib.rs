@@ -4,6 +4,9 @@
 //! `libtorch_cuda`, so a binary may load another libtorch (and crash) or silently
 //! run without CUDA. The package must depend on `torch-sys` directly so that
 //! cargo hands its build script `DEP_TCH_LIBTORCH_LIB`.
+//!
+//! One function, [`emit`]. A build-dependency of those packages: it must not depend on
+//! anything, so that it adds nothing to their build scripts' build.
 
 /// Emits the link arguments; call it from `build.rs`.
 pub fn emit() {

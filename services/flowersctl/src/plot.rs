@@ -1,10 +1,14 @@
 //! `flowersctl plot`: training loss/accuracy and validation accuracy per epoch,
 //! as SVG or PNG. Text is laid out (and, in PNGs, drawn) with a font compiled
 //! into the binary, so it renders the same on machines without system fonts.
+//! PNGs are drawn into an RGB buffer and encoded with the `png` crate: plotters' own
+//! encoder would build the whole of an `image` crate for it (BENCHMARKS.md, "Build").
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use flowers_proto::v1 as pb;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -180,11 +184,29 @@ pub fn plot(status: &pb::RunStatus, output: &Path) -> anyhow::Result<()> {
     match ext.as_deref() {
         Some("svg") => draw(SVGBackend::new(output, SIZE).into_drawing_area(), status)
             .map_err(|e| anyhow!("drawing {}: {e:?}", output.display())),
-        Some("png") => draw(BitMapBackend::new(output, SIZE).into_drawing_area(), status)
-            .map_err(|e| anyhow!("drawing {}: {e:?}", output.display())),
+        Some("png") => {
+            let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+            draw(
+                BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(),
+                status,
+            )
+            .map_err(|e| anyhow!("drawing {}: {e:?}", output.display()))?;
+            write_png(output, &rgb).with_context(|| format!("writing {}", output.display()))
+        }
         _ => bail!(
             "{}: the plot file must end in .png or .svg",
             output.display()
         ),
     }
+}
+
+/// Writes a [`SIZE`] RGB image as an 8-bit PNG.
+fn write_png(path: &Path, rgb: &[u8]) -> anyhow::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(File::create(path)?), SIZE.0, SIZE.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(())
 }

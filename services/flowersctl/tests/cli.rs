@@ -215,6 +215,12 @@ async fn download_is_byte_exact_and_plots_are_written() {
         let bytes = std::fs::read(&path).unwrap();
         if name.ends_with("png") {
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            let mut png = png::Decoder::new(std::io::Cursor::new(&bytes))
+                .read_info()
+                .expect("a PNG header");
+            let mut pixels = vec![0; png.output_buffer_size().unwrap()];
+            let frame = png.next_frame(&mut pixels).expect("the PNG decodes");
+            assert_eq!((frame.width, frame.height), (1000, 800));
         } else {
             let svg = String::from_utf8(bytes).unwrap();
             assert!(

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flowers_broker::{connect, delete_run_queues, PublisherOptions, RunLayout, DEFAULT_BROKER_URL};
+use flowers_broker::{
+    broker_url_from_env, connect, delete_run_queues, PublisherOptions, RunLayout,
+};
 use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_loader::bench::decode_bench;
@@ -86,7 +88,7 @@ impl Input {
     }
 
     fn broker_url(&self) -> String {
-        broker_url(self.broker_url.clone())
+        self.broker_url.clone().unwrap_or_else(broker_url_from_env)
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -167,14 +169,6 @@ struct DeleteArgs {
     broker_url: Option<String>,
 }
 
-/// `explicit`, else `FLOWERS_BROKER_URL`, else `AMQP_URL`, else the local broker.
-fn broker_url(explicit: Option<String>) -> String {
-    explicit
-        .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
-        .or_else(|| std::env::var("AMQP_URL").ok())
-        .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
@@ -188,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
 async fn delete_queues(args: DeleteArgs) -> anyhow::Result<()> {
     let evaluations = args.eval_every.map_or(Ok(1), evaluations_per_epoch)?;
     let layout = RunLayout::epochs(args.epochs).with_evaluations(evaluations);
-    let conn = connect(&broker_url(args.broker_url), "flowers-loader delete-queues").await?;
+    let url = args.broker_url.unwrap_or_else(broker_url_from_env);
+    let conn = connect(&url, "flowers-loader delete-queues").await?;
     let dropped = delete_run_queues(&conn, &args.run_id, layout)
         .await
         .with_context(|| format!("deleting the queues of run {}", args.run_id))?;

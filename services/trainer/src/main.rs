@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flowers_broker::DEFAULT_BROKER_URL;
+use flowers_broker::broker_url_from_env;
 use flowers_coordinator_client::{ClientConfig, WorkerInfo};
 use flowers_model::{DeviceChoice, OptimizerKind, Policy};
 use flowers_trainer::bench::{bench, BenchOptions};
@@ -282,12 +282,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let (device, _gpu) = args.compute.apply()?;
     let hyper = args.hyper.resolve()?;
-    let broker_url = args
-        .broker_url
-        .clone()
-        .or_else(|| std::env::var("FLOWERS_BROKER_URL").ok())
-        .or_else(|| std::env::var("AMQP_URL").ok())
-        .unwrap_or_else(|| DEFAULT_BROKER_URL.to_string());
+    let broker_url = args.broker_url.clone().unwrap_or_else(broker_url_from_env);
     let weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
     let coordinated = match &args.coordinator {
         Some(url) => {

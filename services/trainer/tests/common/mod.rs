@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use flowers_broker::RunLayout;
 use flowers_broker::{
     connect, dead_queue, delete_run_queues, eval_queue, message_count, train_queue, val_queue,
-    Publisher, PublisherOptions, DEFAULT_BROKER_URL,
+    Publisher, PublisherOptions,
 };
 use flowers_model::{OptimizerKind, Variant};
 use flowers_trainer::device::Precision;
@@ -17,9 +17,8 @@ use flowers_wire::{build_batch, Batch, BatchHeader, Split};
 pub const IMG: u32 = 75;
 pub const CLASSES: u32 = 102;
 
-pub fn broker_url() -> String {
-    std::env::var("FLOWERS_BROKER_URL").unwrap_or_else(|_| DEFAULT_BROKER_URL.to_string())
-}
+/// The broker under test: the one the services find without `--broker-url`.
+pub use flowers_broker::broker_url_from_env as broker_url;
 
 /// A run id no other test (or earlier run of this one) uses.
 pub fn unique_run(prefix: &str) -> String {
