@@ -1,12 +1,13 @@
 //! For tests, here and in the services, that talk to a real coordinator over gRPC: a server on a
 //! free loopback port, clients whose retries give up in seconds rather than after the
-//! production budget (so that a broken test fails fast), and safetensors buffers of f32
-//! tensors to upload without a tensor library. Behind the `testing` feature: not for
+//! production budget (so that a broken test fails fast), the configs, steps and evaluations
+//! tests report, and safetensors buffers of f32 tensors to upload without a tensor library. Behind the `testing` feature: not for
 //! production code.
 
 use std::time::Duration;
 
 use flowers_coordinator_client::{Backoff, ClientConfig};
+use flowers_proto::v1 as pb;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::{Coordinator, CoordinatorConfig, ServeError, ServeOptions, ServerHandle};
@@ -33,6 +34,51 @@ pub fn client_config(server: &ServerHandle, token: Option<&str>) -> ClientConfig
             max_delay: Duration::from_millis(500),
             give_up_after: Duration::from_secs(10),
         })
+}
+
+/// A valid run config: `epochs` epochs of `train` training and `val` validation batches of 4
+/// images.
+pub fn run_config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {
+    pb::RunConfig {
+        dataset: "flowers-test".into(),
+        split: "stratified".into(),
+        img_size: 32,
+        batch_size: 4,
+        epochs,
+        train_batches_per_epoch: train,
+        val_batches_per_epoch: val,
+        seed: 7,
+        num_classes: 102,
+        train_images: train * 4,
+        val_images: val * 4,
+        evaluations_per_epoch: 1,
+    }
+}
+
+/// A training step on batch `batch` of `epoch`: 4 images, loss 2, accuracy 0.25, 100 images/s.
+pub fn step_metrics(epoch: u32, batch: u32) -> pb::StepMetrics {
+    pb::StepMetrics {
+        step: 0,
+        epoch,
+        batch_index: batch,
+        images: 4,
+        loss: 2.0,
+        accuracy: 0.25,
+        images_per_s: 100.0,
+        data_wait_s: 0.01,
+        step_s: 0.04,
+    }
+}
+
+/// A validation batch of 10 images, `correct` of them right, loss sum 4.
+pub fn batch_evaluation(batch_index: u32, correct: u32) -> pb::BatchEvaluation {
+    pb::BatchEvaluation {
+        batch_index,
+        images: 10,
+        correct,
+        correct_top5: 10,
+        loss_sum: 4.0,
+    }
 }
 
 /// A safetensors buffer of named f32 tensors `(name, shape, values)`, to build uploads.

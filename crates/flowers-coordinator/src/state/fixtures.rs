@@ -9,6 +9,9 @@ use flowers_proto::v1 as pb;
 use super::{checkpoint_id, CheckedUpload, NewCheckpoint, Now, Settings, State};
 use crate::error::Result;
 use crate::tensors::TensorSpec;
+pub(super) use crate::testing::{
+    batch_evaluation as evaluation, run_config as config, step_metrics as step,
+};
 
 /// The run every fixture state holds.
 pub(super) const RUN: &str = "r";
@@ -33,24 +36,6 @@ impl Clock {
     }
 }
 
-/// A valid config: `epochs` epochs of `train` training and `val` validation batches.
-pub(super) fn config(epochs: u32, train: u32, val: u32) -> pb::RunConfig {
-    pb::RunConfig {
-        dataset: "flowers-test".into(),
-        split: "stratified".into(),
-        img_size: 32,
-        batch_size: 4,
-        epochs,
-        train_batches_per_epoch: train,
-        val_batches_per_epoch: val,
-        seed: 7,
-        num_classes: 102,
-        train_images: train * 4,
-        val_images: val * 4,
-        evaluations_per_epoch: 1,
-    }
-}
-
 /// A state (rounds every `sync_every` steps, [`TIMEOUT`]) holding [`RUN`] of `config`.
 pub(super) fn state_with_run(sync_every: u32, config: pb::RunConfig, now: Now) -> State {
     let mut state = State::new(Settings {
@@ -72,21 +57,6 @@ pub(super) fn add_worker(state: &mut State, host: &str, now: Now) -> String {
         ..Default::default()
     };
     state.register_worker(&req, now).unwrap().worker_id
-}
-
-/// A step on batch `batch` of `epoch`: 4 images, loss 2, accuracy 0.25, 100 images/s.
-pub(super) fn step(epoch: u32, batch: u32) -> pb::StepMetrics {
-    pb::StepMetrics {
-        step: 0,
-        epoch,
-        batch_index: batch,
-        images: 4,
-        loss: 2.0,
-        accuracy: 0.25,
-        images_per_s: 100.0,
-        data_wait_s: 0.01,
-        step_s: 0.04,
-    }
 }
 
 /// Reports `steps` (epoch, batch) of `worker` in call `seq`.
@@ -141,17 +111,6 @@ pub(super) fn complete_round(state: &mut State, now: Now) -> (u64, Vec<String>) 
         size_bytes: 100,
     };
     (number, state.finish_round(RUN, number, checkpoint, now))
-}
-
-/// A validation batch of 10 images, `correct` of them right, loss sum 4.
-pub(super) fn evaluation(batch_index: u32, correct: u32) -> pb::BatchEvaluation {
-    pb::BatchEvaluation {
-        batch_index,
-        images: 10,
-        correct,
-        correct_top5: 10,
-        loss_sum: 4.0,
-    }
 }
 
 /// Reports `batches` of evaluation `part` of `epoch` by `worker`.
