@@ -8,7 +8,7 @@
 //! by the broker). Between the two, a caller can
 //! register the run with the coordinator using [`Prepared::run_config`].
 //!
-//! Also: [`plan`] (which images go into which batch of which epoch), [`bench`] (decode
+//! Also: [`plan`] (which images go into which batch of which epoch), [`bench`](mod@bench) (decode
 //! throughput) and [`publish_bench`]. Errors are [`LoaderError`]s.
 //!
 //! It produces batches and must not depend on the model, the trainer or the coordinator (the
