@@ -17,7 +17,8 @@ pub(crate) struct FastDecompressor {
     handle: raw::tjhandle,
 }
 
-// The handle is owned exclusively by this value and libjpeg-turbo keeps no thread affinity.
+// SAFETY: the handle is owned exclusively by this value and libjpeg-turbo keeps no thread
+// affinity.
 unsafe impl Send for FastDecompressor {}
 
 impl FastDecompressor {

@@ -161,7 +161,7 @@ struct Registry {
 impl Registry {
     fn add(
         &mut self,
-        p: &nn::Path,
+        p: &nn::Path<'_>,
         name: &str,
         dims: &[i64],
         init: Init,
@@ -231,7 +231,7 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     /// `name` is the torchvision module path, e.g. `Mixed_7c.branch_pool`.
-    fn basic(&mut self, root: &nn::Path, name: &str, spec: ConvSpec) -> BasicConv2d {
+    fn basic(&mut self, root: &nn::Path<'_>, name: &str, spec: ConvSpec) -> BasicConv2d {
         let tr = Trainability::of(self.policy, name);
         let p = name.split('.').fold(root.clone(), |p, part| p / part);
         let (pc, pb) = (&p / "conv", &p / "bn");
@@ -342,8 +342,8 @@ struct InceptionA {
 
 impl InceptionA {
     fn new(
-        b: &mut Builder,
-        root: &nn::Path,
+        b: &mut Builder<'_>,
+        root: &nn::Path<'_>,
         name: &str,
         c_in: i64,
         pool_features: i64,
@@ -393,7 +393,7 @@ struct InceptionB {
 }
 
 impl InceptionB {
-    fn new(b: &mut Builder, root: &nn::Path, name: &str, c_in: i64) -> Self {
+    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c_in: i64) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         InceptionB {
             b3x3: b.basic(root, &n("branch3x3"), conv(c_in, 384, 3).stride(2)),
@@ -428,7 +428,7 @@ struct InceptionC {
 }
 
 impl InceptionC {
-    fn new(b: &mut Builder, root: &nn::Path, name: &str, c7: i64, pool_kind: PoolBranch) -> Self {
+    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c7: i64, pool_kind: PoolBranch) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         let c_in = 768;
         InceptionC {
@@ -495,7 +495,7 @@ struct InceptionD {
 }
 
 impl InceptionD {
-    fn new(b: &mut Builder, root: &nn::Path, name: &str, c_in: i64) -> Self {
+    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c_in: i64) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         InceptionD {
             b3x3: [
@@ -547,7 +547,7 @@ struct InceptionE {
 }
 
 impl InceptionE {
-    fn new(b: &mut Builder, root: &nn::Path, name: &str, c_in: i64, pool_kind: PoolBranch) -> Self {
+    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c_in: i64, pool_kind: PoolBranch) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         InceptionE {
             b1x1: b.basic(root, &n("branch1x1"), conv(c_in, 320, 1)),
@@ -618,7 +618,7 @@ impl InceptionV3 {
     /// Creates the variables under `vs` (names like `Mixed_7c.branch1x1.conv.weight`, `fc.bias`),
     /// initialised like torchvision's `init_weights=True`; the head like a fresh `nn.Linear`.
     /// Frozen parameters are created with `requires_grad = false`.
-    pub fn new(vs: &nn::Path, config: ModelConfig) -> Self {
+    pub fn new(vs: &nn::Path<'_>, config: ModelConfig) -> Self {
         let mut registry = Registry::default();
         let mut b = Builder {
             policy: config.policy,

@@ -137,6 +137,7 @@ mod tests {
     fn autocast_dtype_setter_links_and_takes_effect() {
         // Runs on its own test thread, and the dtype is thread-local, so other tests are unaffected.
         assert!(!cuda_autocast_is_bf16());
+        // SAFETY: plain value arguments; the function only stores them.
         unsafe { at_set_autocast_dtype(C10_CUDA, C10_BFLOAT16) };
         assert!(cuda_autocast_is_bf16());
     }
