@@ -428,7 +428,13 @@ struct InceptionC {
 }
 
 impl InceptionC {
-    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c7: i64, pool_kind: PoolBranch) -> Self {
+    fn new(
+        b: &mut Builder<'_>,
+        root: &nn::Path<'_>,
+        name: &str,
+        c7: i64,
+        pool_kind: PoolBranch,
+    ) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         let c_in = 768;
         InceptionC {
@@ -547,7 +553,13 @@ struct InceptionE {
 }
 
 impl InceptionE {
-    fn new(b: &mut Builder<'_>, root: &nn::Path<'_>, name: &str, c_in: i64, pool_kind: PoolBranch) -> Self {
+    fn new(
+        b: &mut Builder<'_>,
+        root: &nn::Path<'_>,
+        name: &str,
+        c_in: i64,
+        pool_kind: PoolBranch,
+    ) -> Self {
         let n = |s: &str| format!("{name}.{s}");
         InceptionE {
             b1x1: b.basic(root, &n("branch1x1"), conv(c_in, 320, 1)),
