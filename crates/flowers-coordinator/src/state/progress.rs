@@ -15,6 +15,13 @@ impl State {
     ) -> Result<pb::ReportStepsResponse> {
         self.touch(&req.run_id, &req.worker_id, now)?;
         let run = self.run_mut(&req.run_id)?;
+        if run.phase == Phase::Finished {
+            // Late news from a trainer that was cut off: the run's figures are final.
+            return Ok(pb::ReportStepsResponse {
+                newly_counted: 0,
+                directives: Some(run.directives(&req.worker_id)),
+            });
+        }
         let spec = run.spec.clone();
         for s in &req.steps {
             if s.epoch >= spec.epochs || s.batch_index >= spec.train_batches_per_epoch {
@@ -400,6 +407,24 @@ mod tests {
         let run = &state.runs[RUN];
         assert_eq!((run.phase, run.current_epoch), (Phase::Finished, 2));
         assert_eq!(run.best.as_deref(), Some("round-000001"));
+    }
+
+    #[test]
+    fn steps_reported_after_the_run_finished_are_not_counted() {
+        let clock = Clock::new();
+        let (mut state, a) = validating(&clock);
+        let both = |correct| vec![evaluation(0, correct), evaluation(1, correct)];
+        evaluate(&mut state, &a, 0, 0, both(8), clock.at(0)).unwrap();
+        report(&mut state, &a, 2, &[(1, 0), (1, 1)], clock.at(0)).unwrap();
+        complete_round(&mut state, clock.at(0));
+        evaluate(&mut state, &a, 1, 0, both(3), clock.at(0)).unwrap();
+        let steps = state.runs[RUN].steps;
+        // A trainer cut off from the network reports its last steps after the end.
+        let r = report(&mut state, &a, 3, &[(1, 0)], clock.at(0)).unwrap();
+        assert_eq!(r.newly_counted, 0);
+        let directives = r.directives.unwrap();
+        assert_eq!(directives.run_state, pb::RunState::Finished as i32);
+        assert_eq!(state.runs[RUN].steps, steps, "nothing trained again");
     }
 
     #[test]
