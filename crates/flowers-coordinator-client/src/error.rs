@@ -33,6 +33,11 @@ impl ClientError {
     pub fn code(&self) -> Option<Code> {
         self.status().map(Status::code)
     }
+
+    /// The coordinator answered that the run or worker asked about does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(Code::NotFound)
+    }
 }
 
 pub type ClientResult<T> = Result<T, ClientError>;

@@ -5,6 +5,7 @@
 //!   unreachable; [`RawClient`] is the generated client underneath, for other calls;
 //! - [`ClientConfig`]: where and how to reach the coordinator;
 //! - [`WorkerInfo`]: what a trainer tells about itself when registering;
+//! - [`coordinator_serving`]: the standard gRPC health check, which needs no token;
 //! - [`ClientError`]: what a call can fail with.
 //!
 //! The protocol a trainer follows is in `crates/flowers-coordinator/README.md`. This crate must
@@ -14,8 +15,10 @@
 mod client;
 mod config;
 mod error;
+mod health;
 
 pub use client::{CoordinatorClient, RawClient, WorkerInfo};
 pub use config::{BearerToken, ClientConfig};
 pub use error::{ClientError, ClientResult};
 pub use flowers_retry::Backoff;
+pub use health::{coordinator_serving, COORDINATOR_SERVICE};

@@ -1,6 +1,8 @@
 //! Serving ([`serve`], [`ServerHandle`], [`ServeOptions`], [`ServeError`]): bearer-token check
-//! ([`BearerAuth`]), optional TLS, reflection, message limits, the lost-worker sweeper, and
-//! graceful shutdown with a final save. The shutdown request itself comes from the caller.
+//! ([`BearerAuth`]), optional TLS, reflection, the standard gRPC health service (answered
+//! without a token, so that container probes need none), message limits, the lost-worker
+//! sweeper, and graceful shutdown with a final save. The shutdown request itself comes from the
+//! caller.
 
 use std::future::Future;
 
@@ -11,6 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
+use tonic_health::ServingStatus;
 
 use crate::coordinator::Coordinator;
 use crate::service::CoordinatorService;
@@ -86,6 +89,10 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flowers_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
     let mut builder = Server::builder();
     if let Some((cert, key)) = &options.tls {
         builder = builder
@@ -101,6 +108,13 @@ pub async fn serve(
         async move {
             shutdown.await;
             tracing::info!("shutting down");
+            // Probes see the coordinator go before its port does.
+            health_reporter
+                .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+                .await;
+            health_reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             c.begin_shutdown();
         }
     };
@@ -108,6 +122,7 @@ pub async fn serve(
     let served = builder
         .add_service(InterceptedService::new(rpc, auth.clone()))
         .add_service(InterceptedService::new(reflection, auth))
+        .add_service(health)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
         .await;
     coordinator.begin_shutdown();

@@ -4,13 +4,40 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use flowers_coordinator::{serve, Coordinator, CoordinatorConfig, ServeOptions};
+use flowers_coordinator_client::coordinator_serving;
 use flowers_shutdown::Signals;
 
 #[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a running coordinator's gRPC health service whether it serves runs: exit 0 when it
+    /// does, 1 otherwise (container health checks; needs no token).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProbeArgs {
+    /// The coordinator to ask (plain HTTP/2).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    address: String,
+    /// Seconds to wait for the connection and the answer.
+    #[arg(long, default_value_t = 3.0)]
+    timeout: f64,
+}
+
+/// Serving (the command when no subcommand is given).
+#[derive(Args, Debug)]
+struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "FLOWERS_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
@@ -43,7 +70,27 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Probe(args)) => probe(args).await,
+        None => run(cli.serve).await,
+    }
+}
+
+async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .with_context(|| format!("--timeout {}", args.timeout))?;
+    let serving = coordinator_serving(&args.address, timeout)
+        .await
+        .with_context(|| format!("probing the coordinator at {}", args.address))?;
+    if !serving {
+        bail!("the coordinator at {} is not serving", args.address);
+    }
+    println!("serving");
+    Ok(())
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let token = match (args.token, args.insecure_no_auth) {
         (Some(t), _) if t.is_empty() => bail!("--token / FLOWERS_TOKEN is empty"),
         (Some(t), _) => Some(t),

@@ -1,7 +1,9 @@
-//! Serving: restarts, authentication, ids, reflection and TLS.
+//! Serving: restarts, authentication, ids, reflection, health and TLS.
 
 use flowers_coordinator::{Coordinator, CoordinatorConfig, ServeOptions, ServerHandle};
-use flowers_coordinator_client::{Backoff, ClientConfig, CoordinatorClient, WorkerInfo};
+use flowers_coordinator_client::{
+    coordinator_serving, Backoff, ClientConfig, ClientError, CoordinatorClient, WorkerInfo,
+};
 use tonic::Code;
 
 use crate::support::*;
@@ -87,6 +89,18 @@ async fn a_missing_or_wrong_token_is_refused() {
     let err = c.get_run("nope", false).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::NotFound), "{err}");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_answers_without_a_token_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 0, 5_000).await;
+    let url = server.url();
+    let timeout = std::time::Duration::from_secs(5);
+    assert!(coordinator_serving(&url, timeout).await.unwrap());
+    server.shutdown().await.unwrap();
+    let err = coordinator_serving(&url, timeout).await.unwrap_err();
+    assert!(matches!(err, ClientError::Endpoint { .. }), "{err:?}");
 }
 
 #[tokio::test]
