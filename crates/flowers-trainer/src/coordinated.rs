@@ -57,7 +57,7 @@ impl Link {
         Fut: Future<Output = ClientResult<T>>,
     {
         match call(self.clone()).await {
-            Err(e) if e.code() == Some(Code::NotFound) => {
+            Err(e) if e.is_not_found() => {
                 warn!(worker = %self.worker_id, error = %e, "the coordinator does not know this worker: registering again");
                 self.client
                     .register_worker(&self.run_id, &self.info, Some(&self.worker_id))
@@ -132,7 +132,7 @@ impl Coordinated {
         let registration = loop {
             match client.register_worker(&opts.run_id, &opts.info, None).await {
                 Err(e)
-                    if e.code() == Some(Code::NotFound)
+                    if e.is_not_found()
                         && waiting_since.elapsed() + RUN_POLL < opts.wait_for_run =>
                 {
                     if waiting_since.elapsed() < RUN_POLL {

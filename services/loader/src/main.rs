@@ -7,12 +7,14 @@ use flowers_broker::{
 };
 use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
+use flowers_liveness::{HealthArgs, LivenessFile};
 use flowers_loader::bench::decode_bench;
 use flowers_loader::{
     evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, RunSummary,
 };
 use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_proto::run_id;
+use flowers_proto::v1::RunState;
 use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;
 use tracing::info;
@@ -32,12 +34,14 @@ struct Cli {
 enum Command {
     /// Preprocess once, then publish every epoch's training and validation batches.
     #[command(alias = "publish")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Time decoding (and, with --publish, confirmed publishing).
     Bench(BenchArgs),
     /// Delete a finished run's queues (every epoch's training and validation queues and its
     /// dead-letter queue), with whatever they still hold.
     DeleteQueues(DeleteArgs),
+    /// Exit 0 while a running loader's liveness file is fresh (container health checks).
+    Health(HealthArgs),
 }
 
 #[derive(Args)]
@@ -107,6 +111,8 @@ enum SplitKind {
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
+    liveness: LivenessFile,
+    #[command(flatten)]
     input: Input,
     /// setid.mat (needed by --split official).
     #[arg(long, env = "FLOWERS_SETID")]
@@ -173,9 +179,10 @@ struct DeleteArgs {
 async fn main() -> anyhow::Result<()> {
     flowers_telemetry::init();
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Bench(args) => bench(args).await,
         Command::DeleteQueues(args) => delete_queues(args).await,
+        Command::Health(args) => Ok(args.report()?),
     }
 }
 
@@ -193,6 +200,7 @@ async fn delete_queues(args: DeleteArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.liveness.keep_fresh();
     let split = match args.split {
         SplitKind::Stratified => SplitStrategy::Stratified {
             val_fraction: args.val_fraction,
@@ -237,16 +245,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Scripts start trainers on this run's queues.
     println!("run_id={}", cfg.run_id);
+    let coordinator = match &args.coordinator {
+        Some(address) => {
+            let client =
+                CoordinatorClient::connect(&ClientConfig::new(address.clone()).token(args.token))
+                    .with_context(|| format!("connecting to the coordinator at {address}"))?;
+            if run_is_over(&client, &cfg.run_id)
+                .await
+                .with_context(|| format!("asking {address} about run {}", cfg.run_id))?
+            {
+                // Started again after the run (`docker compose up` twice): publishing it
+                // anew would only feed trainers that have left.
+                info!(run_id = %cfg.run_id, coordinator = %address, "the run is over: nothing to publish");
+                return Ok(());
+            }
+            Some((address, client))
+        }
+        None => None,
+    };
     let prepared = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || prepare(&cfg)).await??
     };
     log_prepared(&prepared);
-    if let Some(address) = &args.coordinator {
+    if let Some((address, client)) = &coordinator {
         // Registered before the first batch, so the coordinator counts every one.
-        let client =
-            CoordinatorClient::connect(&ClientConfig::new(address.clone()).token(args.token))
-                .with_context(|| format!("connecting to the coordinator at {address}"))?;
         let run = client
             .register_run(prepared.run_config(&cfg), Some(&cfg.run_id))
             .await
@@ -256,6 +279,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let summary = prepared.publish(&cfg).await?;
     log_summary(&summary);
     Ok(())
+}
+
+/// Whether the coordinator knows `run_id` as finished or failed (an unknown run is not over).
+async fn run_is_over(
+    client: &CoordinatorClient,
+    run_id: &str,
+) -> Result<bool, flowers_coordinator_client::ClientError> {
+    match client.get_run(run_id, false).await {
+        Ok(status) => Ok(status.state != RunState::Running as i32),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn log_summary(s: &RunSummary) {
