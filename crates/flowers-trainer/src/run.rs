@@ -62,6 +62,15 @@ pub struct RunOptions {
     pub seed: u64,
 }
 
+impl RunOptions {
+    /// The checkpoint file saved into `checkpoint_dir` (its progress file goes beside it).
+    pub fn checkpoint_path(&self) -> Option<PathBuf> {
+        self.checkpoint_dir
+            .as_ref()
+            .map(|dir| dir.join("latest.safetensors"))
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {
@@ -289,11 +298,11 @@ impl<C: Coordination> Runner<'_, C> {
 
     /// Writes `latest.safetensors` and its progress file into the checkpoint directory.
     async fn save(&self, progress: &EpochProgress) -> Result<(), TrainError> {
-        let Some(dir) = &self.opts.checkpoint_dir else {
+        let (Some(dir), Some(path)) = (&self.opts.checkpoint_dir, self.opts.checkpoint_path())
+        else {
             return Ok(());
         };
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-        let path = dir.join("latest.safetensors");
         let img_size = self.check.img_size();
         let (epochs_done, size) = (progress.epoch, img_size.map_or(0, i64::from));
         let save_path = path.clone();

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowers_broker::broker_url_from_env;
 use flowers_coordinator_client::{ClientConfig, WorkerInfo};
+use flowers_liveness::{HealthArgs, LivenessFile};
 use flowers_model::{DeviceChoice, OptimizerKind, Policy};
 use flowers_trainer::bench::{bench, BenchOptions};
 use flowers_trainer::coordinated::{Coordinated, CoordinatedOptions};
@@ -34,6 +35,8 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Time training steps on generated input; prints `images_per_s=<n>`.
     Bench(BenchArgs),
+    /// Exit 0 while a running trainer's liveness file is fresh (container health checks).
+    Health(HealthArgs),
 }
 
 #[derive(Args)]
@@ -81,6 +84,8 @@ impl Compute {
 
 #[derive(Args)]
 struct RunArgs {
+    #[command(flatten)]
+    liveness: LivenessFile,
     /// RabbitMQ URL [env: FLOWERS_BROKER_URL, then AMQP_URL].
     #[arg(long)]
     broker_url: Option<String>,
@@ -118,7 +123,9 @@ struct RunArgs {
     /// Continue from a checkpoint (its model, optimizer state and position in the run).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Where latest.safetensors (+ latest.progress.json) are written after each epoch and on shutdown.
+    /// Where latest.safetensors (+ latest.progress.json) are written after each epoch and on
+    /// shutdown; with a coordinator, in <dir>/<run id>/<worker id>/, so that replicas sharing
+    /// one folder never write the same file.
     #[arg(long, env = "FLOWERS_CHECKPOINT_DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// Expected image size (default: the run's with a coordinator, else the first batch's).
@@ -276,10 +283,12 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || evaluate_command(args)).await?
         }
         Command::Bench(args) => tokio::task::spawn_blocking(move || bench_command(args)).await?,
+        Command::Health(args) => Ok(args.report()?),
     }
 }
 
 async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    args.liveness.keep_fresh();
     let (device, _gpu) = args.compute.apply()?;
     let hyper = args.hyper.resolve()?;
     let broker_url = args.broker_url.clone().unwrap_or_else(broker_url_from_env);
@@ -328,6 +337,10 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             args.start_epoch,
         ),
     };
+    let checkpoint_dir = match (&coordinated, args.checkpoint_dir) {
+        (Some(c), Some(dir)) => Some(dir.join(&args.run_id).join(c.worker_id())),
+        (_, dir) => dir,
+    };
     let opts = RunOptions {
         broker_url,
         run_id: args.run_id,
@@ -337,7 +350,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         weights,
         resume: args.resume,
-        checkpoint_dir: args.checkpoint_dir,
+        checkpoint_dir,
         img_size,
         batch_size: args.batch_size,
         seed: args.seed,
@@ -353,6 +366,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         optimizer: hyper.optimizer,
         trunk_cache_bytes: args.trunk_cache_mib << 20,
     };
+    let checkpoint = opts.checkpoint_path();
     let stop = shutdown::on_signals().context("installing signal handlers")?;
     let outcome = match coordinated {
         Some(mut c) => {
@@ -382,13 +396,19 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     };
     match outcome {
         RunOutcome::Finished(_) => {}
-        RunOutcome::Interrupted { epoch, stage } => {
-            tracing::info!(
+        RunOutcome::Interrupted { epoch, stage } => match &checkpoint {
+            Some(path) => tracing::info!(
                 epoch,
                 ?stage,
-                "interrupted; resume with --resume <checkpoint-dir>/latest.safetensors"
-            )
-        }
+                "interrupted; resume with --resume {}",
+                path.display()
+            ),
+            None => tracing::info!(
+                epoch,
+                ?stage,
+                "interrupted (no --checkpoint-dir: nothing saved)"
+            ),
+        },
     }
     Ok(())
 }
