@@ -40,7 +40,12 @@ pub enum DeviceError {
         given: String,
         expected: &'static [&'static str],
     },
-    #[error("--device cuda asked for, but libtorch sees no CUDA device")]
+    // The pinned torch 2.11 wheel is a CUDA 13 build: older drivers see no device.
+    #[error(
+        "--device cuda asked for, but libtorch sees no CUDA device: none is visible here (in a \
+         container: no GPU reserved for it), or the NVIDIA driver is too old for libtorch's \
+         CUDA 13 build (nvidia-smi must show CUDA 13 or later); --device cpu trains on the CPU"
+    )]
     NoCuda,
 }
 
