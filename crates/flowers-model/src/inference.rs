@@ -28,7 +28,11 @@ const BATCH: usize = 16;
 #[derive(Debug)]
 pub enum CheckpointKind {
     Trainer(CheckpointMeta),
-    Average,
+    /// A coordinator average; `img_size` as its first upload recorded it (none in averages
+    /// written before the coordinator kept it).
+    Average {
+        img_size: Option<u32>,
+    },
 }
 
 impl CheckpointKind {
@@ -38,7 +42,12 @@ impl CheckpointKind {
             Some(checkpoint_format::TRAINER) => Ok(CheckpointKind::Trainer(
                 CheckpointMeta::from_map(path, &meta)?,
             )),
-            Some(checkpoint_format::AVERAGE) => Ok(CheckpointKind::Average),
+            Some(checkpoint_format::AVERAGE) => Ok(CheckpointKind::Average {
+                img_size: meta
+                    .get("img_size")
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&s| s > 0),
+            }),
             other => Err(ModelError::NotACheckpoint {
                 path: path.to_path_buf(),
                 format: other.map(str::to_owned),
@@ -156,5 +165,24 @@ mod tests {
             err.contains("other.safetensors") && err.contains("not a flowers checkpoint"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_average_tells_its_image_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("round.safetensors");
+        let t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let meta = HashMap::from([
+            (
+                checkpoint_format::KEY.to_string(),
+                checkpoint_format::AVERAGE.to_string(),
+            ),
+            ("img_size".to_string(), "75".to_string()),
+        ]);
+        tensor_file::write(&path, [("x", &t)], &meta).unwrap();
+        assert!(matches!(
+            CheckpointKind::of(&path).unwrap(),
+            CheckpointKind::Average { img_size: Some(75) }
+        ));
     }
 }

@@ -136,7 +136,7 @@ pub async fn predict(client: &CoordinatorClient, args: PredictArgs) -> anyhow::R
     let trained_size = match &kind {
         // 0: the trainer saved before it saw a batch, so it did not know the size.
         CheckpointKind::Trainer(meta) => u32::try_from(meta.img_size).ok().filter(|&s| s > 0),
-        CheckpointKind::Average => resolved.run_img_size,
+        CheckpointKind::Average { img_size } => img_size.or(resolved.run_img_size),
     };
     let img_size = match (args.img_size, trained_size) {
         (Some(0), _) => bail!("--img-size must be positive"),
@@ -161,7 +161,7 @@ pub async fn predict(client: &CoordinatorClient, args: PredictArgs) -> anyhow::R
     let device = args.device.resolve()?;
     let model = match kind {
         CheckpointKind::Trainer(meta) => Classifier::from_checkpoint(path, &meta, device)?,
-        CheckpointKind::Average => Classifier::from_average(
+        CheckpointKind::Average { .. } => Classifier::from_average(
             path,
             &args.weights,
             resolved.run_num_classes.map(i64::from),
