@@ -55,3 +55,9 @@ weights: setup
 images profile="release": weights
     cargo build --workspace --bins {{ if profile == "release" { "--release" } else { "" } }}
     scripts/images.sh --profile {{profile}}
+
+# The compose cluster for real (tests/cluster.rs): images of the debug build, RabbitMQ, the
+# coordinator, the loader and CPU trainers under docker compose, with a scaled-in trainer, a
+# killed one, a coordinator restart and a second `up` after the run. Starts dockerd if needed.
+test-cluster: (images "debug")
+    cargo test --workspace --test cluster -- --ignored --nocapture

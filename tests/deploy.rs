@@ -40,6 +40,51 @@ fn the_gpu_cluster_reserves_gpus_and_claims_one_per_trainer() {
 }
 
 #[test]
+fn a_missing_setting_is_named_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(deploy_dir().join(".env.example")).unwrap();
+    let without_token: String = example
+        .lines()
+        .filter(|l| !l.starts_with("FLOWERS_TOKEN="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let env = dir.path().join(".env");
+    std::fs::write(&env, without_token).unwrap();
+    let out = Command::new("docker-compose")
+        .current_dir(deploy_dir())
+        .arg("--env-file")
+        .arg(&env)
+        .args(["-f", "compose.yaml", "config"])
+        .env_remove("FLOWERS_TOKEN")
+        .output()
+        .expect("docker-compose");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set FLOWERS_TOKEN"), "{err}");
+}
+
+#[test]
+fn every_service_has_a_health_check_and_waits_for_healthy_dependencies() {
+    let config = compose_config(&["compose.yaml"], &[]);
+    for probe in [
+        "rabbitmq-diagnostics",
+        "coordinator\n      - probe",
+        "loader\n      - health",
+        "trainer\n      - health",
+    ] {
+        assert!(
+            config.contains(probe),
+            "no health check {probe:?}:\n{config}"
+        );
+    }
+    assert!(!config.contains("service_started"), "{config}");
+    assert!(
+        config.contains("published: 5672"),
+        "broker port published:\n{config}"
+    );
+}
+
+#[test]
 fn the_cpu_override_runs_trainers_without_gpus() {
     let config = compose_config(&["compose.yaml", "compose.cpu.yaml"], &[]);
     assert!(config.contains("cpu-trainer:"), "{config}");

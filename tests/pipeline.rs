@@ -5,9 +5,12 @@
 //! SIGKILL mid-epoch, and the coordinator killed and restarted mid-run.
 
 use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
-use flowers_e2e::{broker_url, free_port, unique_run_id, workspace_binary, Service};
+use flowers_e2e::{
+    archive_in, broker_url, flowers_dir, free_port, pretrained_weights, unique_run_id,
+    workspace_binary, Service,
+};
 use flowers_proto::v1 as pb;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -24,53 +27,6 @@ const RUN_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The runs share two cores: one at a time.
 static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::const_new(());
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// The shared data set: `$FLOWERS_DIR`, else `../shared/flowers` beside the checkout.
-fn flowers_dir() -> PathBuf {
-    let dir = std::env::var_os("FLOWERS_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/flowers"));
-    assert!(
-        dir.join("imagelabels.mat").exists(),
-        "no imagelabels.mat in {}: set FLOWERS_DIR to the Oxford 102 Flowers folder",
-        dir.display()
-    );
-    dir
-}
-
-fn archive_in(dir: &Path) -> PathBuf {
-    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("read FLOWERS_DIR")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("102flowers") && (name.ends_with(".tgz") || name.ends_with(".tar"))
-        })
-        .collect();
-    archives.sort();
-    archives
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| panic!("no 102flowers*.tgz or .tar in {}", dir.display()))
-}
-
-fn pretrained_weights() -> PathBuf {
-    let weights = workspace_root().join("weights/inception_v3_tf2015.safetensors");
-    assert!(
-        weights.exists(),
-        "{} is missing: run `just weights`",
-        weights.display()
-    );
-    weights
-}
 
 struct Cluster {
     dir: tempfile::TempDir,

@@ -4,7 +4,7 @@
 use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::tarwriter::write_archive;
 use flowers_wire::{build_batch, Batch, BatchHeader, Split};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -309,4 +309,54 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
+}
+
+/// The checkout this test crate belongs to.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The shared data set: `$FLOWERS_DIR`, else `../shared/flowers` beside the checkout.
+pub fn flowers_dir() -> PathBuf {
+    let dir = std::env::var_os("FLOWERS_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/flowers"));
+    assert!(
+        dir.join("imagelabels.mat").exists(),
+        "no imagelabels.mat in {}: set FLOWERS_DIR to the Oxford 102 Flowers folder",
+        dir.display()
+    );
+    dir
+}
+
+/// The image archive of the data folder: its first `102flowers*.tgz` or `.tar`.
+pub fn archive_in(dir: &Path) -> PathBuf {
+    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read FLOWERS_DIR")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("102flowers") && (name.ends_with(".tgz") || name.ends_with(".tar"))
+        })
+        .collect();
+    archives.sort();
+    archives
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no 102flowers*.tgz or .tar in {}", dir.display()))
+}
+
+/// The converted pretrained InceptionV3 (`just weights`).
+pub fn pretrained_weights() -> PathBuf {
+    let weights = workspace_root().join("weights/inception_v3_tf2015.safetensors");
+    assert!(
+        weights.exists(),
+        "{} is missing: run `just weights`",
+        weights.display()
+    );
+    weights
 }
