@@ -1,9 +1,10 @@
 //! The compose cluster for real, as users start it: RabbitMQ, the coordinator, the loader and
 //! two CPU trainers from `deploy/compose.yaml` + `deploy/compose.cpu.yaml` +
-//! `tests/cluster.compose.yaml` (50 classes, 75 px, 4 epochs), checked from the host through
+//! `tests/cluster.compose.yaml` (50 classes, 75 px, 6 epochs), checked from the host through
 //! the published ports with the coordinator's client and `flowersctl`. One run goes through
 //! the faults one after another: a third trainer scaled in mid-run, one trainer killed
-//! mid-epoch, the coordinator restarted. Once it has finished, `up` again publishes and trains
+//! mid-epoch, the coordinator restarted, one trainer cut off from the network for longer than
+//! the worker timeout and connected again. Once it has finished, `up` again publishes and trains
 //! nothing, and every service it started exits 0; a trainer with a wrong token and a loader
 //! without its archive fail at once, saying why.
 //!
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const EPOCHS: u32 = 4;
+const EPOCHS: u32 = 6;
 const CLASSES: u32 = 50;
 const IMG: u32 = 75;
 /// Seconds without a heartbeat before the coordinator marks a trainer lost.
@@ -317,7 +318,7 @@ fn a_flower_jpeg(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Docker engine and the images: just test-cluster"]
-async fn the_compose_cluster_trains_through_scaling_a_killed_trainer_and_a_coordinator_restart() {
+async fn the_compose_cluster_trains_through_scaling_kills_restarts_and_a_partition() {
     let cluster = Cluster::new();
     let started = Instant::now();
     cluster.compose_ok(&["up", "-d", "--no-build", "--scale", "cpu-trainer=2"]);
@@ -361,10 +362,43 @@ async fn the_compose_cluster_trains_through_scaling_a_killed_trainer_and_a_coord
         })
         .await;
 
+    // One trainer cut off from the network for longer than the worker timeout: the others
+    // train on without it; back on the network, it rejoins or ends, and the run completes.
+    let network = format!("{}_default", cluster.project);
+    let cut = &trainers[1];
+    let cut_host = docker(&["inspect", "-f", "{{.Config.Hostname}}", cut]);
+    let cut_host = cut_host.trim();
+    docker(&["network", "disconnect", &network, cut]);
+    let s = cluster
+        .wait_mid_run(&client, "the cut-off trainer marked lost", |s| {
+            s.workers
+                .iter()
+                .any(|w| w.host == cut_host && w.state == pb::WorkerState::Lost as i32)
+        })
+        .await;
+    let before = s.steps;
+    cluster
+        .wait_mid_run(&client, "the others training without it", |s| {
+            s.steps > before
+        })
+        .await;
+    docker(&["network", "connect", &network, cut]);
+    let reconnected = Instant::now();
+
     let status = cluster
         .wait_for(&client, "the run to finish", |s| !running(s))
         .await;
     assert_complete(&status);
+    let cut_log = Command::new("docker")
+        .args(["logs", "--tail", "12", cut])
+        .output()
+        .expect("docker logs");
+    eprintln!(
+        "run finished {:.0} s after the partition ended; the cut-off trainer's last lines:\n{}{}",
+        reconnected.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&cut_log.stdout),
+        String::from_utf8_lossy(&cut_log.stderr)
+    );
     eprintln!(
         "run finished in {:.0} s: validation {:?}",
         started.elapsed().as_secs_f64(),
