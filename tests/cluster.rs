@@ -288,8 +288,8 @@ fn hostname(container: &str) -> String {
         .to_owned()
 }
 
-/// The first `lines` lines a container logged (stdout and stderr), for diagnostics.
-fn container_log(container: &str, lines: usize) -> String {
+/// What a container logged (stdout and stderr): its first `head` and last `tail` lines.
+fn container_log(container: &str, head: usize, tail: usize) -> String {
     let out = Command::new("docker")
         .args(["logs", container])
         .output()
@@ -299,7 +299,14 @@ fn container_log(container: &str, lines: usize) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    text.lines().take(lines).collect::<Vec<_>>().join("\n")
+    let lines: Vec<&str> = text.lines().collect();
+    let tail_from = lines.len().saturating_sub(tail).max(head.min(lines.len()));
+    let mut shown = lines[..head.min(lines.len())].to_vec();
+    if tail_from > shown.len() {
+        shown.push("...");
+    }
+    shown.extend_from_slice(&lines[tail_from..]);
+    shown.join("\n")
 }
 
 /// Whether the run knows workers on `host` and has marked every one of them lost.
@@ -393,7 +400,7 @@ async fn the_compose_cluster_trains_through_scaling_kills_restarts_and_a_partiti
         eprintln!(
             "the scaled-in trainer registered {registrations} times (restarts: {}):\n{}",
             docker(&["inspect", "-f", "{{.RestartCount}}", &scaled_in]).trim(),
-            container_log(&scaled_in, 40)
+            container_log(&scaled_in, 40, 10)
         );
     }
 
@@ -441,7 +448,7 @@ async fn the_compose_cluster_trains_through_scaling_kills_restarts_and_a_partiti
     eprintln!(
         "run finished {:.0} s after the partition ended; the cut-off trainer's last lines:\n{}",
         reconnected.elapsed().as_secs_f64(),
-        container_log(cut, 12)
+        container_log(cut, 0, 12)
     );
     eprintln!(
         "run finished in {:.0} s: validation {:?}",
