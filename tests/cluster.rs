@@ -14,8 +14,8 @@
 use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::ArchiveReader;
 use flowers_e2e::{
-    archive_in, flowers_dir, free_port, pretrained_weights, unique_run_id, workspace_binary,
-    workspace_root,
+    archive_in, assert_every_epoch_complete, flowers_dir, free_port, pretrained_weights,
+    unique_run_id, workspace_binary, workspace_root,
 };
 use flowers_proto::v1 as pb;
 use std::path::{Path, PathBuf};
@@ -319,23 +319,6 @@ fn running(s: &pb::RunStatus) -> bool {
     s.state == pb::RunState::Running as i32
 }
 
-/// What the run must end with, whatever happened on the way: every training batch of every
-/// epoch counted once, every epoch validated, a best checkpoint.
-fn assert_complete(status: &pb::RunStatus) {
-    assert_eq!(status.state, pb::RunState::Finished as i32, "{status:?}");
-    assert_eq!(status.epochs.len(), EPOCHS as usize, "{status:?}");
-    for epoch in &status.epochs {
-        assert!(epoch.train_batches_total > 0, "{epoch:?}");
-        assert_eq!(
-            epoch.train_batches_done, epoch.train_batches_total,
-            "every training batch counted once: {epoch:?}"
-        );
-        assert!(epoch.trained && epoch.validated, "{epoch:?}");
-        assert_eq!(epoch.val_batches_done, epoch.val_batches_total, "{epoch:?}");
-    }
-    assert!(status.best.is_some(), "a best checkpoint: {status:?}");
-}
-
 /// The first JPEG of the shared archive, written into `dir`.
 fn a_flower_jpeg(dir: &Path) -> PathBuf {
     let mut archive = ArchiveReader::open(&archive_in(&flowers_dir())).expect("open the archive");
@@ -444,7 +427,7 @@ async fn the_compose_cluster_trains_through_scaling_kills_restarts_and_a_partiti
     let status = cluster
         .wait_for(&client, "the run to finish", |s| !running(s))
         .await;
-    assert_complete(&status);
+    assert_every_epoch_complete(&status, EPOCHS);
     eprintln!(
         "run finished {:.0} s after the partition ended; the cut-off trainer's last lines:\n{}",
         reconnected.elapsed().as_secs_f64(),

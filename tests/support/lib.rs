@@ -360,3 +360,22 @@ pub fn pretrained_weights() -> PathBuf {
     );
     weights
 }
+
+/// What every run must end with, whatever happened on the way: finished, `epochs` epochs, each
+/// with every training batch counted once and every validation batch evaluated, and a best
+/// checkpoint.
+pub fn assert_every_epoch_complete(status: &flowers_proto::v1::RunStatus, epochs: u32) {
+    use flowers_proto::v1::RunState;
+    assert_eq!(status.state, RunState::Finished as i32, "{status:?}");
+    assert_eq!(status.epochs.len(), epochs as usize, "{status:?}");
+    for epoch in &status.epochs {
+        assert!(epoch.train_batches_total > 0, "{epoch:?}");
+        assert_eq!(
+            epoch.train_batches_done, epoch.train_batches_total,
+            "every training batch counted once: {epoch:?}"
+        );
+        assert!(epoch.trained && epoch.validated, "{epoch:?}");
+        assert_eq!(epoch.val_batches_done, epoch.val_batches_total, "{epoch:?}");
+    }
+    assert!(status.best.is_some(), "a best checkpoint: {status:?}");
+}

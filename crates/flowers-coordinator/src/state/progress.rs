@@ -393,16 +393,23 @@ mod tests {
         assert_eq!((r.newly_counted, r.evaluation_complete), (0, true));
     }
 
-    #[test]
-    fn the_last_validated_epoch_finishes_the_run_and_the_best_stays_the_most_accurate() {
-        let clock = Clock::new();
-        let (mut state, a) = validating(&clock);
+    /// A two-epoch run that worker `a` trains and validates to its end (epoch 0: 80% correct,
+    /// epoch 1: 30%), with the events of all but the last evaluation taken.
+    fn finished(clock: &Clock) -> (State, String) {
+        let (mut state, a) = validating(clock);
         let both = |correct| vec![evaluation(0, correct), evaluation(1, correct)];
         evaluate(&mut state, &a, 0, 0, both(8), clock.at(0)).unwrap();
         report(&mut state, &a, 2, &[(1, 0), (1, 1)], clock.at(0)).unwrap();
         complete_round(&mut state, clock.at(0));
         state.take_events();
         evaluate(&mut state, &a, 1, 0, both(3), clock.at(0)).unwrap();
+        (state, a)
+    }
+
+    #[test]
+    fn the_last_validated_epoch_finishes_the_run_and_the_best_stays_the_most_accurate() {
+        let clock = Clock::new();
+        let (mut state, _) = finished(&clock);
         assert_eq!(event_kinds(&mut state), ["evaluation", "finished"]);
         let run = &state.runs[RUN];
         assert_eq!((run.phase, run.current_epoch), (Phase::Finished, 2));
@@ -412,12 +419,7 @@ mod tests {
     #[test]
     fn steps_reported_after_the_run_finished_are_not_counted() {
         let clock = Clock::new();
-        let (mut state, a) = validating(&clock);
-        let both = |correct| vec![evaluation(0, correct), evaluation(1, correct)];
-        evaluate(&mut state, &a, 0, 0, both(8), clock.at(0)).unwrap();
-        report(&mut state, &a, 2, &[(1, 0), (1, 1)], clock.at(0)).unwrap();
-        complete_round(&mut state, clock.at(0));
-        evaluate(&mut state, &a, 1, 0, both(3), clock.at(0)).unwrap();
+        let (mut state, a) = finished(&clock);
         let steps = state.runs[RUN].steps;
         // A trainer cut off from the network reports its last steps after the end.
         let r = report(&mut state, &a, 3, &[(1, 0)], clock.at(0)).unwrap();
