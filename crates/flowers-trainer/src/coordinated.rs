@@ -372,8 +372,17 @@ impl Coordination for Coordinated {
         ]);
         let checkpoint = self.registration.checkpoint_id.clone();
         if !checkpoint.is_empty() {
-            // The run is under way: start from its latest average.
-            self.load_checkpoint(&checkpoint).await?;
+            // The run is under way: start from its latest average. Rounds go on while this
+            // worker loads its weights, and the coordinator keeps only the latest average (and
+            // the best), so the one named at registration may be gone by now: then the newest.
+            match self.load_checkpoint(&checkpoint).await {
+                Err(TrainError::Coordinator(e)) if e.is_not_found() => {
+                    let latest = self.run_status().await?.latest_checkpoint_id;
+                    info!(gone = %checkpoint, latest = %latest, "the average named at registration was replaced: loading the newest");
+                    self.load_checkpoint(&latest).await?;
+                }
+                loaded => loaded?,
+            }
         }
         Ok(())
     }
