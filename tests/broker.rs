@@ -1,10 +1,11 @@
 //! flowers-broker against the real local RabbitMQ: dead-lettering, backpressure,
-//! the size limit and reconnection.
+//! the size limit and reconnection; and, on a node of its own, RabbitMQ's `consumer_timeout`.
 
 use flowers_broker::{
     connect, dead_queue, delete_run_queues, message_count, train_queue, val_queue, Backoff,
     BrokerError, Consumer, Published, Publisher, PublisherOptions, RunLayout,
 };
+use flowers_e2e::rabbit::PrivateBroker;
 use flowers_e2e::{broker_url, synthetic_batch, unique_run_id, TcpProxy};
 use flowers_wire::{Split, WireError};
 use lapin::options::BasicPublishOptions;
@@ -292,4 +293,38 @@ async fn publisher_reconnects_and_resends_only_unconfirmed_batches() {
     delete_run_queues(&conn, &run, RunLayout::epochs(1))
         .await
         .unwrap();
+}
+
+/// A consumer that holds a delivery unacked past `consumer_timeout` loses its channel: `next`
+/// says so with an error a new consumer cures (what a trainer does on it), and the delivery
+/// comes back to the new one.
+#[tokio::test]
+async fn a_consumer_timeout_is_curable_and_the_delivery_comes_back() {
+    let broker = PrivateBroker::start_with(
+        "flowers-timeout",
+        &["consumer_timeout = 1000"],
+        // The channel checks its consumers' timeouts on this tick (60 s by default).
+        "[{rabbit, [{channel_tick_interval, 200}]}].",
+    );
+    let url = broker.url();
+    let run = unique_run_id("timeout");
+    let conn = connect(&url, "test").await.unwrap();
+    let mut publisher = one_epoch_publisher(&url, &run, PublisherOptions::default()).await;
+    let batch = synthetic_batch(&run, 0, Split::Train, 0, 1, 2, 4);
+    publisher.publish(&batch).await.unwrap();
+    publisher.flush().await.unwrap();
+
+    let queue = train_queue(&run, 0);
+    let mut consumer = Consumer::open(&conn, &queue, 1).await.unwrap();
+    let held = consumer.next(WAIT).await.unwrap().expect("the batch");
+    // Held, unacked, past the timeout: the broker closes the channel.
+    let err = consumer.next(Duration::from_secs(10)).await.unwrap_err();
+    assert!(err.is_transient(), "a new consumer cures it: {err}");
+    drop(held);
+
+    let mut again = Consumer::open(&conn, &queue, 1).await.unwrap();
+    let back = again.next(WAIT).await.unwrap().expect("redelivered");
+    assert_eq!(back.batch.batch_index, 0);
+    assert!(back.redelivered);
+    back.ack().await.unwrap();
 }

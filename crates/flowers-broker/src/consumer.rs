@@ -146,7 +146,12 @@ impl Consumer {
             let delivery = match tokio::time::timeout_at(deadline, self.inner.next()).await {
                 Err(_) => return Ok(None),
                 Ok(None) => return Err(BrokerError::Cancelled(self.queue.clone())),
-                Ok(Some(Err(e))) => return Err(BrokerError::amqp("consume", &self.queue, e)),
+                Ok(Some(Err(source))) => {
+                    return Err(BrokerError::ConsumerFailed {
+                        queue: self.queue.clone(),
+                        source,
+                    })
+                }
                 Ok(Some(Ok(delivery))) => delivery,
             };
             match decode_and_verify(&delivery.data) {

@@ -42,6 +42,10 @@ pub enum BrokerError {
     WrongRun { batch_run: String, run: String },
     #[error("consumer on {0} was cancelled by RabbitMQ (queue deleted?)")]
     Cancelled(String),
+    /// The broker closed the consumer's channel (e.g. `consumer_timeout`: a delivery held
+    /// unacked too long) or its connection broke under it.
+    #[error("consumer on {queue} stopped: {source}")]
+    ConsumerFailed { queue: String, source: lapin::Error },
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -55,11 +59,14 @@ impl BrokerError {
         }
     }
 
-    /// Whether a new connection may cure it: the connection broke or the
-    /// broker closed it, as opposed to a refusal of what we asked for.
-    pub(crate) fn is_transient(&self) -> bool {
+    /// Whether a new connection (or channel) may cure it: the connection broke, the broker
+    /// closed it or the consumer's channel, as opposed to a refusal of what we asked for.
+    pub fn is_transient(&self) -> bool {
         match self {
-            BrokerError::Connect { .. } | BrokerError::ConfirmTimeout { .. } => true,
+            BrokerError::Connect { .. }
+            | BrokerError::ConfirmTimeout { .. }
+            | BrokerError::ConsumerFailed { .. }
+            | BrokerError::Cancelled(_) => true,
             BrokerError::Amqp { source, .. } => is_transient(source),
             _ => false,
         }

@@ -46,8 +46,9 @@
 //! A message that fails [`flowers_wire::decode_and_verify`] is rejected
 //! without requeue, so it lands in the run's dead-letter queue, with a warning
 //! naming queue, delivery tag and reason; `next` goes on to the next message.
-//! A consumer does not reconnect by itself: on an error, open a new one
-//! (unacked batches are redelivered).
+//! A consumer does not reconnect by itself: on an error that
+//! [`BrokerError::is_transient`] calls curable (a broken connection, a channel the broker
+//! closed, e.g. for `consumer_timeout`), open a new one; unacked batches are redelivered.
 //!
 //! # Housekeeping
 //! [`message_count`] (ready messages in a queue), [`purge_queue`] and [`delete_run_queues`].

@@ -2,7 +2,7 @@
 
 use crate::connection::{connect_with_backoff, Backoff};
 use crate::error::redact_url;
-use crate::names::{eval_queue, run_queues, train_queue, validate_run_id, RunLayout};
+use crate::names::{eval_queue, train_queue, validate_run_id, RunLayout};
 use crate::topology::{declare_run_topology, passive_count};
 use crate::BrokerError;
 use flowers_wire::{describe, encode_batch, Batch, Split, DEFAULT_MAX_MESSAGE_BYTES};
@@ -10,6 +10,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// How a [`Publisher`] paces itself.
@@ -29,6 +30,9 @@ pub struct PublisherOptions {
     pub poll_interval: Duration,
     /// A confirm not received within this time counts as a broken connection.
     pub confirm_timeout: Duration,
+    /// Messages written to disk by the broker (delivery mode 2), surviving its restart;
+    /// transient ones (mode 1) are lost with a restart and must be replayed.
+    pub persistent: bool,
 }
 
 impl Default for PublisherOptions {
@@ -40,6 +44,7 @@ impl Default for PublisherOptions {
             backoff: Backoff::default(),
             poll_interval: Duration::from_millis(100),
             confirm_timeout: Duration::from_secs(60),
+            persistent: true,
         }
     }
 }
@@ -56,7 +61,7 @@ pub struct BatchKey {
 }
 
 impl BatchKey {
-    fn of(batch: &Batch) -> Self {
+    pub fn of(batch: &Batch) -> Self {
         let validation = batch.split == Split::Validation as i32;
         BatchKey {
             epoch: batch.epoch,
@@ -113,8 +118,8 @@ struct Link {
     channel: Channel,
 }
 
-/// Publishes one run's batches with publisher confirms and persistent
-/// delivery, keeping at most `max_queued_batches` ready in the run's queues,
+/// Publishes one run's batches with publisher confirms (persistent or transient
+/// delivery, [`PublisherOptions::persistent`]), keeping at most `max_queued_batches` ready in the run's queues,
 /// and reconnecting with backoff when the broker goes away. Batches not yet
 /// confirmed when a connection breaks are sent again in order on the next
 /// one; confirmed ones never are.
@@ -127,11 +132,17 @@ pub struct Publisher {
     pending: VecDeque<Pending>,
     /// Confirmed batch indices by (epoch, validation, eval_part).
     confirmed: BTreeMap<(u32, bool, u32), BTreeSet<u32>>,
+    /// Confirmed since the last [`Publisher::take_confirmed`].
+    newly_confirmed: Vec<BatchKey>,
+    /// The epoch the run's consumers are at: queues of earlier epochs, which nobody consumes
+    /// any more, do not hold publishing back.
+    first_live_epoch: Option<watch::Receiver<u32>>,
     /// Upper bound on ready messages in the run's queues: the last polled
     /// depth plus everything sent since.
     queued_bound: u64,
-    /// Queues that may hold ready messages (polled when the bound is reached).
-    maybe_nonempty: BTreeSet<String>,
+    /// Queues that may hold ready messages (polled when the bound is reached), with their
+    /// epochs.
+    maybe_nonempty: BTreeSet<(u32, String)>,
     stats: PublishStats,
 }
 
@@ -164,6 +175,8 @@ impl Publisher {
             link: None,
             pending: VecDeque::new(),
             confirmed: BTreeMap::new(),
+            newly_confirmed: Vec::new(),
+            first_live_epoch: None,
             queued_bound: 0,
             maybe_nonempty: BTreeSet::new(),
             stats: PublishStats::default(),
@@ -200,10 +213,37 @@ impl Publisher {
             .is_some_and(|set| set.contains(&key.batch_index))
     }
 
+    /// The batches confirmed since the last call, in confirm order (e.g. for a log of what
+    /// reached the broker).
+    pub fn take_confirmed(&mut self) -> Vec<BatchKey> {
+        std::mem::take(&mut self.newly_confirmed)
+    }
+
+    /// From now on, queues of epochs before the one `epoch` holds do not count towards
+    /// `max_queued_batches`: their consumers have left them.
+    pub fn follow_epochs(&mut self, epoch: watch::Receiver<u32>) {
+        self.first_live_epoch = Some(epoch);
+    }
+
     /// Verifies, encodes (refusing it if over the size limit) and sends
     /// `batch` to its queue once there is room. Returns after sending; up to
     /// `max_unconfirmed` batches may await their confirms.
     pub async fn publish(&mut self, batch: &Batch) -> Result<Published, BrokerError> {
+        let key = BatchKey::of(batch);
+        if self.is_confirmed(key) || self.pending.iter().any(|p| p.key == key) {
+            debug!(batch = %describe(batch), "already published; skipping");
+            return Ok(Published::Duplicate);
+        }
+        self.send(batch).await
+    }
+
+    /// Like [`Publisher::publish`], but sends `batch` even if it was confirmed before: for a
+    /// batch the broker lost (see the loader's replay).
+    pub async fn republish(&mut self, batch: &Batch) -> Result<Published, BrokerError> {
+        self.send(batch).await
+    }
+
+    async fn send(&mut self, batch: &Batch) -> Result<Published, BrokerError> {
         if batch.run_id != self.run_id {
             return Err(BrokerError::WrongRun {
                 batch_run: batch.run_id.clone(),
@@ -212,10 +252,6 @@ impl Publisher {
         }
         let payload = encode_batch(batch, self.opts.max_message_bytes)?;
         let key = BatchKey::of(batch);
-        if self.is_confirmed(key) || self.pending.iter().any(|p| p.key == key) {
-            debug!(batch = %describe(batch), "already published; skipping");
-            return Ok(Published::Duplicate);
-        }
         self.pending.push_back(Pending {
             key,
             queue: key.queue(&self.run_id),
@@ -281,7 +317,7 @@ impl Publisher {
                     },
                     &pending.payload,
                     BasicProperties::default()
-                        .with_delivery_mode(2)
+                        .with_delivery_mode(if self.opts.persistent { 2 } else { 1 })
                         .with_content_type("application/x-protobuf".into())
                         .with_type("flowers.v1.Batch".into()),
                 )
@@ -289,7 +325,8 @@ impl Publisher {
                 .map_err(|e| BrokerError::amqp("publish to", &pending.queue, e))?;
             pending.confirm = Some(confirm);
             self.queued_bound += 1;
-            self.maybe_nonempty.insert(pending.queue.clone());
+            self.maybe_nonempty
+                .insert((pending.key.epoch, pending.queue.clone()));
         }
         while self.pending.len() > keep {
             self.settle_front().await?;
@@ -321,8 +358,14 @@ impl Publisher {
         }
         // Depths are unknown after a reconnect: poll before the next send.
         self.queued_bound = u64::from(self.opts.max_queued_batches);
-        self.maybe_nonempty
-            .extend(run_queues(&self.run_id, self.layout));
+        for epoch in 0..self.layout.epochs {
+            self.maybe_nonempty.extend(
+                self.layout
+                    .epoch_queues(&self.run_id, epoch)
+                    .into_iter()
+                    .map(|q| (epoch, q)),
+            );
+        }
         self.link = Some(Link {
             conn,
             channel: channel.clone(),
@@ -340,11 +383,17 @@ impl Publisher {
                 self.settle_front().await?;
             }
             let mut total = 0u64;
-            let queues: Vec<String> = self.maybe_nonempty.iter().cloned().collect();
-            for queue in queues {
+            let live = self
+                .first_live_epoch
+                .as_ref()
+                .map_or(0, |epoch| *epoch.borrow());
+            // Left behind by the consumers: whatever those queues hold waits for nobody.
+            self.maybe_nonempty.retain(|(epoch, _)| *epoch >= live);
+            let queues: Vec<(u32, String)> = self.maybe_nonempty.iter().cloned().collect();
+            for (epoch, queue) in queues {
                 let count = passive_count(channel, &queue).await?;
                 if count == 0 {
-                    self.maybe_nonempty.remove(&queue);
+                    self.maybe_nonempty.remove(&(epoch, queue));
                 }
                 total += u64::from(count);
             }
@@ -392,6 +441,7 @@ impl Publisher {
                     .entry((front.key.epoch, front.key.validation, front.key.eval_part))
                     .or_default()
                     .insert(front.key.batch_index);
+                self.newly_confirmed.push(front.key);
                 self.stats.batches += 1;
                 self.stats.payload_bytes += front.payload.len() as u64;
                 Ok(())
