@@ -2,6 +2,8 @@
 //! `val.E`, then E+1; a coordinator may also ask for interim evaluations on `val.E.p` in the
 //! middle of an epoch's training. A batch is acked only after the step (or evaluation) that
 //! used it, so a trainer that dies loses no batch: the broker redelivers whatever was unacked.
+//! A lost broker (restart, broken connection, a channel closed for `consumer_timeout`) is
+//! waited out: the trainer reconnects and consumes again with its model and optimizer intact.
 //!
 //! Where the loop needs a decision that a coordinator would make (is this stage over, sync
 //! before validation, who validates, where metrics go), it asks a [`Coordination`].
@@ -33,6 +35,11 @@ use crate::TrainError;
 const POLL: Duration = Duration::from_secs(2);
 /// How often a trainer waiting for batches says so.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Longest wait between two attempts to reach a broker that went away: short, since every
+/// second of it is a second without training once the broker is back.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Pause before consuming again on a connection that just failed to.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 /// Options of `trainer run`.
 #[derive(Debug, Clone)]
@@ -47,6 +54,9 @@ pub struct RunOptions {
     pub start_epoch: Option<u32>,
     /// Unacked messages the broker may hand this trainer ahead of use.
     pub prefetch: u16,
+    /// Longest broker outage the trainer waits out (reconnecting); beyond it, it saves its
+    /// state and exits with the error.
+    pub broker_outage_limit: Duration,
     /// Pretrained weights (`None`: from scratch).
     pub weights: Option<PathBuf>,
     /// A checkpoint to continue from (overrides `weights`).
@@ -160,7 +170,7 @@ pub async fn run<C: Coordination>(
             .filter(|&s| s > 0)
     });
 
-    let conn = connect(opts).await?;
+    let conn = connect(opts, &Backoff::default()).await?;
     if opts.checkpoint_dir.is_none() {
         warn!("no --checkpoint-dir: nothing will be saved");
     }
@@ -196,15 +206,21 @@ pub async fn run<C: Coordination>(
     Ok(outcome)
 }
 
-/// Connects to the broker and declares the run's queues: declaring is idempotent and lets a
-/// trainer start before the loader.
-async fn connect(opts: &RunOptions) -> Result<Connection, TrainError> {
+/// Connects to the broker, retrying per `backoff`, and declares the run's queues.
+async fn connect(opts: &RunOptions, backoff: &Backoff) -> Result<Connection, BrokerError> {
     let conn = connect_with_backoff(
         &opts.broker_url,
         &format!("flowers trainer {}", opts.run_id),
-        &Backoff::default(),
+        backoff,
     )
     .await?;
+    declare(&conn, opts).await?;
+    Ok(conn)
+}
+
+/// Declares the run's queues: declaring is idempotent and lets a trainer start before the
+/// loader.
+async fn declare(conn: &Connection, opts: &RunOptions) -> Result<(), BrokerError> {
     let channel = conn
         .create_channel()
         .await
@@ -216,7 +232,7 @@ async fn connect(opts: &RunOptions) -> Result<Connection, TrainError> {
     let layout = RunLayout::epochs(opts.epochs).with_evaluations(opts.evaluations_per_epoch);
     declare_run_topology(&channel, &opts.run_id, layout).await?;
     let _ = channel.close(200, "OK".into()).await;
-    Ok(conn)
+    Ok(())
 }
 
 impl<C: Coordination> Runner<'_, C> {
@@ -360,69 +376,163 @@ impl<C: Coordination> Runner<'_, C> {
             let next = tokio::select! {
                 biased;
                 () = shutdown::requested(&mut self.shutdown) => break StageEnd::Interrupted,
-                next = consumer.next(POLL) => next?,
+                next = consumer.next(POLL) => next,
             };
-            let Some(mut delivery) = next else {
-                idle = true;
-                if last_waiting_log.elapsed() >= WAITING_LOG_EVERY {
-                    info!(%queue, used = progress.done.len(), expected = ?progress.batches_in_epoch, "waiting for batches");
-                    last_waiting_log = Instant::now();
+            let used = match next {
+                Ok(Some(mut delivery)) => {
+                    idle = false;
+                    let data_wait = wait_started.elapsed().as_secs_f64();
+                    let used = self
+                        .use_delivery(&mut delivery, progress, &queue, data_wait)
+                        .await;
+                    wait_started = Instant::now();
+                    used
                 }
-                continue;
+                Ok(None) => {
+                    idle = true;
+                    if last_waiting_log.elapsed() >= WAITING_LOG_EVERY {
+                        info!(%queue, used = progress.done.len(), expected = ?progress.batches_in_epoch, "waiting for batches");
+                        last_waiting_log = Instant::now();
+                    }
+                    continue;
+                }
+                Err(e) => Err(e.into()),
             };
-            idle = false;
-            let data_wait = wait_started.elapsed().as_secs_f64();
-            if let Some(reason) = self.check.misfit(&delivery.batch, progress) {
-                error!(%queue, batch = %describe(&delivery.batch), %reason, "unusable batch: dead-lettering it");
-                delivery.reject().await?;
-                continue;
-            }
-            let index = delivery.batch.batch_index;
-            if progress.done.contains(&index) {
-                warn!(%queue, batch = %describe(&delivery.batch), "batch already used (redelivered duplicate): acking it without use");
-                delivery.ack().await?;
-                continue;
-            }
-            let batches_in_epoch = delivery.batch.batches_in_epoch;
-            let (reported, step) = match progress.stage {
-                Stage::Train => {
-                    let metrics = self.train(&mut delivery, progress, data_wait).await?;
-                    (self.coord.step_done(&metrics).await, Some(metrics))
+            match used {
+                Ok(()) => {}
+                Err(TrainError::Broker(e)) if e.is_transient() => {
+                    match self.reconsume(&queue, *e).await? {
+                        Some(again) => consumer = again,
+                        None => break StageEnd::Interrupted,
+                    }
                 }
-                Stage::Validate => {
-                    let counts = self.validate(&mut delivery, progress).await?;
-                    (self.coord.batch_evaluated(&counts).await, None)
-                }
-            };
-            if let Err(e) = reported {
-                // Not recorded: another trainer must use the batch again.
-                let _ = delivery.requeue().await;
-                return Err(e);
+                Err(e) => return Err(e),
             }
-            delivery.ack().await?;
-            progress.done.insert(index);
-            progress.batches_in_epoch = Some(batches_in_epoch);
-            if let Some(metrics) = step {
-                self.train_totals.add(&metrics, data_wait);
-                info!(%metrics, "step");
-            }
-            wait_started = Instant::now();
         };
         if consumer.rejected() > 0 {
             warn!(%queue, rejected = consumer.rejected(), "malformed messages went to the dead-letter queue");
         }
-        // Closing hands back whatever was prefetched and not used.
-        consumer.close().await?;
+        // Closing hands back whatever was prefetched and not used; on a channel the broker
+        // already closed there is nothing to hand back.
+        if let Err(e) = consumer.close().await {
+            warn!(%queue, error = %e, "closing the consumer");
+        }
         if let StageEnd::Complete = end {
             // Every batch of the queue was used (by this trainer or, as the coordination says,
             // by others): what is left are redeliveries of used batches, e.g. of a trainer that
             // died between reporting a step and acking it. Nobody would consume them again.
-            let purged = purge_queue(&self.conn, &queue).await?;
-            if purged > 0 {
-                warn!(%queue, purged, "dropped redelivered duplicates of used batches");
+            match purge_queue(&self.conn, &queue).await {
+                Ok(0) => {}
+                Ok(purged) => {
+                    warn!(%queue, purged, "dropped redelivered duplicates of used batches")
+                }
+                // Left behind, they are acked unused by whoever meets them.
+                Err(e) => {
+                    warn!(%queue, error = %e, "could not drop the duplicates of used batches")
+                }
             }
         }
         Ok(end)
+    }
+
+    /// Trains on (or evaluates) one delivery, reports it and acks it. A batch that does not fit
+    /// the run is dead-lettered; one this trainer already used is acked without use.
+    async fn use_delivery(
+        &mut self,
+        delivery: &mut Delivery,
+        progress: &mut EpochProgress,
+        queue: &str,
+        data_wait: f64,
+    ) -> Result<(), TrainError> {
+        if let Some(reason) = self.check.misfit(&delivery.batch, progress) {
+            error!(%queue, batch = %describe(&delivery.batch), %reason, "unusable batch: dead-lettering it");
+            delivery.reject().await?;
+            return Ok(());
+        }
+        let index = delivery.batch.batch_index;
+        if progress.done.contains(&index) {
+            warn!(%queue, batch = %describe(&delivery.batch), "batch already used (redelivered duplicate): acking it without use");
+            delivery.ack().await?;
+            return Ok(());
+        }
+        let batches_in_epoch = delivery.batch.batches_in_epoch;
+        let (reported, step) = match progress.stage {
+            Stage::Train => {
+                let metrics = self.train(delivery, progress, data_wait).await?;
+                (self.coord.step_done(&metrics).await, Some(metrics))
+            }
+            Stage::Validate => {
+                let counts = self.validate(delivery, progress).await?;
+                (self.coord.batch_evaluated(&counts).await, None)
+            }
+        };
+        if let Err(e) = reported {
+            // Not recorded: another trainer must use the batch again.
+            let _ = delivery.requeue().await;
+            return Err(e);
+        }
+        // Used and counted before the ack: if the ack is lost with the broker, the redelivered
+        // copy is recognised.
+        progress.done.insert(index);
+        progress.batches_in_epoch = Some(batches_in_epoch);
+        if let Some(metrics) = step {
+            self.train_totals.add(&metrics, data_wait);
+            info!(%metrics, "step");
+        }
+        delivery.ack().await?;
+        Ok(())
+    }
+
+    /// After `error` stopped the consumer of `queue`: if a new channel may cure it, waits for
+    /// the broker (reconnecting with backoff, for at most `broker_outage_limit` from now) and
+    /// consumes `queue` again; `None` when a shutdown comes first. The model and optimizer stay
+    /// as they are; batches prefetched on the lost channel come back by redelivery (or by the
+    /// loader's replay, where the broker lost them).
+    async fn reconsume(
+        &mut self,
+        queue: &str,
+        error: BrokerError,
+    ) -> Result<Option<Consumer>, TrainError> {
+        if !error.is_transient() {
+            return Err(error.into());
+        }
+        let lost = Instant::now();
+        let (opts, conn) = (self.opts, &mut self.conn);
+        let limit = opts.broker_outage_limit;
+        warn!(%queue, %error, limit_secs = limit.as_secs(), "lost the broker: reconnecting");
+        let reopen = async {
+            let mut fresh_connection = !conn.status().connected();
+            loop {
+                if fresh_connection {
+                    let backoff = Backoff {
+                        max_delay: RECONNECT_MAX_DELAY,
+                        give_up_after: limit.saturating_sub(lost.elapsed()),
+                        ..Backoff::default()
+                    };
+                    *conn = connect(opts, &backoff).await?;
+                }
+                // Declared again: a queue deleted meanwhile is replayed into its new self.
+                let opened = match declare(conn, opts).await {
+                    Ok(()) => Consumer::open(conn, queue, opts.prefetch).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Err(e) if e.is_transient() && lost.elapsed() < limit => {
+                        warn!(%queue, error = %e, "consuming again failed; retrying on a new connection");
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                        fresh_connection = true;
+                    }
+                    other => break other.map_err(TrainError::from),
+                }
+            }
+        };
+        let consumer = tokio::select! {
+            biased;
+            () = shutdown::requested(&mut self.shutdown) => return Ok(None),
+            consumer = reopen => consumer?,
+        };
+        info!(%queue, outage_secs = lost.elapsed().as_secs_f64(), "consuming again after losing the broker");
+        Ok(Some(consumer))
     }
 
     /// One optimizer step on the delivery's batch (acked by the caller). A failed step hands the

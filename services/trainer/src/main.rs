@@ -137,6 +137,10 @@ struct RunArgs {
     /// Batches the broker hands over ahead of use (AMQP QoS).
     #[arg(long, default_value_t = 3)]
     prefetch: u16,
+    /// Seconds of broker outage to ride out, reconnecting; beyond it the trainer saves its
+    /// state and exits with an error.
+    #[arg(long, env = "FLOWERS_BROKER_OUTAGE_LIMIT", default_value_t = 300)]
+    broker_outage_limit: u64,
     /// Classes of the model's head [default: the run's with a coordinator, else 102].
     #[arg(long)]
     num_classes: Option<u32>,
@@ -348,6 +352,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         evaluations_per_epoch,
         start_epoch,
         prefetch: args.prefetch,
+        broker_outage_limit: std::time::Duration::from_secs(args.broker_outage_limit),
         weights,
         resume: args.resume,
         checkpoint_dir,

@@ -66,6 +66,7 @@ fn options(run: &str, epochs: u32, dir: Option<&std::path::Path>) -> RunOptions 
         evaluations_per_epoch: 1,
         start_epoch: None,
         prefetch: 3,
+        broker_outage_limit: std::time::Duration::from_secs(30),
         weights: None,
         resume: None,
         checkpoint_dir: dir.map(|d| d.to_path_buf()),

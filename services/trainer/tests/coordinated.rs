@@ -69,6 +69,7 @@ async fn train(coordinated: &mut Coordinated, run_id: &str, seed: u64) -> RunOut
         evaluations_per_epoch: coordinated.run_config().evaluations_per_epoch.max(1),
         start_epoch: Some(coordinated.start_epoch()),
         prefetch: 1,
+        broker_outage_limit: std::time::Duration::from_secs(30),
         weights: None,
         resume: None,
         checkpoint_dir: None,
