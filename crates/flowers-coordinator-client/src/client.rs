@@ -116,10 +116,25 @@ impl CoordinatorClient {
         run_id: &str,
         include_history: bool,
     ) -> ClientResult<pb::RunStatus> {
-        let req = pb::GetRunRequest {
+        self.get_run_with(pb::GetRunRequest {
             run_id: run_id.to_owned(),
             include_history,
-        };
+            include_batches: false,
+        })
+        .await
+    }
+
+    /// The run's status with the counted batches of every epoch and evaluation.
+    pub async fn get_run_batches(&self, run_id: &str) -> ClientResult<pb::RunStatus> {
+        self.get_run_with(pb::GetRunRequest {
+            run_id: run_id.to_owned(),
+            include_history: false,
+            include_batches: true,
+        })
+        .await
+    }
+
+    async fn get_run_with(&self, req: pb::GetRunRequest) -> ClientResult<pb::RunStatus> {
         self.retry("GetRun", |mut c| {
             let req = req.clone();
             async move { Ok(c.get_run(req).await?.into_inner()) }

@@ -14,7 +14,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::{
-    checkpoint_id, CheckedUpload, NewCheckpoint, Now, RoundJob, Settings, State, UploadPlan,
+    checkpoint_id, CheckedUpload, NewCheckpoint, Now, RoundJob, Settings, State, StatusDetail,
+    UploadPlan,
 };
 use crate::store::Store;
 use crate::tensors::{model_metadata, schema_of, weighted_average};
@@ -176,8 +177,8 @@ impl Coordinator {
             .await
     }
 
-    pub fn run_status(&self, run_id: &str, include_history: bool) -> Result<pb::RunStatus> {
-        lock(&self.inner.state).status(run_id, include_history)
+    pub fn run_status(&self, run_id: &str, detail: StatusDetail) -> Result<pb::RunStatus> {
+        lock(&self.inner.state).status(run_id, detail)
     }
 
     pub fn list_runs(&self) -> Vec<pb::RunStatus> {
@@ -185,7 +186,7 @@ impl Coordinator {
         state
             .run_ids()
             .iter()
-            .filter_map(|id| state.status(id, false).ok())
+            .filter_map(|id| state.status(id, StatusDetail::default()).ok())
             .collect()
     }
 
@@ -198,7 +199,7 @@ impl Coordinator {
         // Subscribing under the lock means no event falls between snapshot and stream.
         let state = lock(&self.inner.state);
         let rx = self.inner.events.subscribe();
-        Ok((state.status(run_id, false)?, rx))
+        Ok((state.status(run_id, StatusDetail::default())?, rx))
     }
 
     pub async fn register_worker(

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::coordinator::Coordinator;
 use crate::error::CoordinatorError;
-use crate::state::UploadPlan;
+use crate::state::{StatusDetail, UploadPlan};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -101,10 +101,13 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::RunStatus>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(
-            self.coordinator
-                .run_status(&req.run_id, req.include_history)?,
-        ))
+        Ok(Response::new(self.coordinator.run_status(
+            &req.run_id,
+            StatusDetail {
+                history: req.include_history,
+                batches: req.include_batches,
+            },
+        )?))
     }
 
     async fn list_runs(
@@ -148,7 +151,7 @@ impl CoordinatorRpc for CoordinatorService {
                     Ok(_) => continue,
                     // Too slow a reader: a fresh snapshot replaces what it missed.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match coordinator.run_status(&run_id, false) {
+                        match coordinator.run_status(&run_id, StatusDetail::default()) {
                             Ok(s) => pb::RunEvent {
                                 event: Some(pb::run_event::Event::Snapshot(s)),
                             },

@@ -404,6 +404,7 @@ mod tests {
             val_accuracy: 0.8125,
             val_top5_accuracy: 1.0,
             checkpoint_id: "round-000003".into(),
+            ..Default::default()
         };
         let status = pb::RunStatus {
             run_id: "r".into(),

@@ -137,7 +137,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::*;
-    use super::super::UploadPlan;
+    use super::super::{StatusDetail, UploadPlan};
     use super::*;
 
     #[test]
@@ -224,7 +224,7 @@ mod tests {
             matches!(err, CoordinatorError::UnknownCheckpoint { .. }),
             "{err}"
         );
-        let err = state.status("nope", false).unwrap_err();
+        let err = state.status("nope", StatusDetail::default()).unwrap_err();
         assert!(matches!(err, CoordinatorError::UnknownRun(_)), "{err}");
     }
 

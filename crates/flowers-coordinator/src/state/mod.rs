@@ -162,7 +162,7 @@ impl State {
         if let Some(existing) = self.runs.get(run_id) {
             // Registering the same run again (a loader retry or restart) is fine.
             return if existing.spec == spec {
-                self.status(run_id, false)
+                self.status(run_id, StatusDetail::default())
             } else {
                 Err(CoordinatorError::RunExists(run_id.to_owned()))
             };
@@ -171,17 +171,26 @@ impl State {
         let run = Run::new(run_id.to_owned(), spec, now.unix);
         self.runs.insert(run_id.to_owned(), run);
         self.dirty.insert(run_id.to_owned());
-        self.status(run_id, false)
+        self.status(run_id, StatusDetail::default())
     }
 
     pub fn run_ids(&self) -> Vec<String> {
         self.runs.keys().cloned().collect()
     }
 
-    pub fn status(&self, run_id: &str, include_history: bool) -> Result<pb::RunStatus> {
+    pub fn status(&self, run_id: &str, detail: StatusDetail) -> Result<pb::RunStatus> {
         let run = self.run(run_id)?;
-        Ok(run.status(&self.settings, include_history))
+        Ok(run.status(&self.settings, detail))
     }
+}
+
+/// What a run's status holds besides its summary (`GetRunRequest`'s `include_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusDetail {
+    /// The training curve.
+    pub history: bool,
+    /// Which batches of every epoch and evaluation are counted.
+    pub batches: bool,
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! The protobuf views of a run: its status (epochs, evaluations, workers, curve), the
 //! directives a worker gets with every response, and checkpoint infos.
 
+use std::collections::BTreeSet;
+
 use flowers_proto::v1 as pb;
 
 use super::records::{ratio, CheckpointRecord, Phase, Run, WorkerRecord};
-use super::Settings;
+use super::{Settings, StatusDetail};
 
 impl WorkerRecord {
     pub(super) fn status(&self) -> pb::WorkerStatus {
@@ -83,8 +85,15 @@ impl Run {
         }
     }
 
-    pub(super) fn status(&self, settings: &Settings, include_history: bool) -> pb::RunStatus {
+    pub(super) fn status(&self, settings: &Settings, detail: StatusDetail) -> pb::RunStatus {
         let spec = &self.spec;
+        let indices = |set: &BTreeSet<u32>| {
+            if detail.batches {
+                set.iter().copied().collect()
+            } else {
+                Vec::new()
+            }
+        };
         let epochs = self
             .epochs
             .iter()
@@ -103,6 +112,7 @@ impl Run {
                         val_accuracy: v.accuracy(),
                         val_top5_accuracy: v.top5_accuracy(),
                         checkpoint_id: v.checkpoint.clone().unwrap_or_default(),
+                        validated_batch_indices: indices(&v.validated_batches),
                     })
                     .collect();
                 pb::EpochStatus {
@@ -120,10 +130,12 @@ impl Run {
                     val_top5_accuracy: end.top5_accuracy(),
                     checkpoint_id: end.checkpoint.clone().unwrap_or_default(),
                     interim,
+                    trained_batch_indices: indices(&e.trained_batches),
+                    validated_batch_indices: indices(&end.validated_batches),
                 }
             })
             .collect();
-        let history = if include_history {
+        let history = if detail.history {
             self.history
                 .iter()
                 .map(|p| pb::TrainPoint {
@@ -177,7 +189,10 @@ mod tests {
         state.sweep(clock.at(1001));
         report(&mut state, &a, 1, &[(0, 0), (0, 1)], clock.at(1500)).unwrap();
         assert_eq!(
-            state.status(RUN, false).unwrap().sync_round,
+            state
+                .status(RUN, StatusDetail::default())
+                .unwrap()
+                .sync_round,
             1,
             "the open round"
         );
@@ -201,7 +216,7 @@ mod tests {
     fn a_status_shows_epochs_interim_evaluations_workers_and_the_best() {
         let clock = Clock::new();
         let state = interim_evaluated(&clock);
-        let s = state.status(RUN, false).unwrap();
+        let s = state.status(RUN, StatusDetail::default()).unwrap();
         assert_eq!(
             (s.run_id.as_str(), s.state),
             (RUN, pb::RunState::Running as i32)
@@ -239,6 +254,7 @@ mod tests {
                 val_accuracy: 0.9,
                 val_top5_accuracy: 1.0,
                 checkpoint_id: "round-000001".into(),
+                validated_batch_indices: Vec::new(),
             }]
         );
         assert_eq!(
@@ -257,8 +273,21 @@ mod tests {
     fn the_training_curve_is_sent_only_when_asked() {
         let clock = Clock::new();
         let state = interim_evaluated(&clock);
-        assert!(state.status(RUN, false).unwrap().history.is_empty());
-        let history = state.status(RUN, true).unwrap().history;
+        assert!(state
+            .status(RUN, StatusDetail::default())
+            .unwrap()
+            .history
+            .is_empty());
+        let history = state
+            .status(
+                RUN,
+                StatusDetail {
+                    history: true,
+                    batches: false,
+                },
+            )
+            .unwrap()
+            .history;
         assert_eq!(
             history,
             [pb::TrainPoint {
@@ -267,6 +296,28 @@ mod tests {
                 loss: 2.0,
                 accuracy: 0.25,
             }]
+        );
+    }
+
+    #[test]
+    fn the_counted_batches_are_sent_only_when_asked() {
+        let clock = Clock::new();
+        let state = interim_evaluated(&clock);
+        let summary = state.status(RUN, StatusDetail::default()).unwrap();
+        assert!(summary.epochs[0].trained_batch_indices.is_empty());
+        assert!(summary.epochs[0].interim[0]
+            .validated_batch_indices
+            .is_empty());
+        let batches = StatusDetail {
+            batches: true,
+            ..StatusDetail::default()
+        };
+        let epoch = &state.status(RUN, batches).unwrap().epochs[0];
+        assert_eq!(epoch.trained_batch_indices, [0, 1]);
+        assert_eq!(epoch.interim[0].validated_batch_indices, [0]);
+        assert!(
+            epoch.validated_batch_indices.is_empty(),
+            "the epoch end is not evaluated yet"
         );
     }
 

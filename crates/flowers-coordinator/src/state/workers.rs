@@ -4,7 +4,7 @@
 use flowers_proto::v1 as pb;
 
 use super::records::WorkerRecord;
-use super::{check_id, event, Now, State};
+use super::{check_id, event, Now, State, StatusDetail};
 use crate::error::{CoordinatorError, Result};
 
 impl State {
@@ -38,7 +38,7 @@ impl State {
         let changed = worker.status();
         tracing::info!(run = %req.run_id, worker = %id, host = %req.host, device = %req.device, "worker registered");
         let checkpoint_id = run.latest.clone().unwrap_or_default();
-        let status = run.status(&settings, false);
+        let status = run.status(&settings, StatusDetail::default());
         self.events.push((
             req.run_id.clone(),
             event(pb::run_event::Event::Worker(pb::WorkerChanged {
