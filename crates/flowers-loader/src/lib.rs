@@ -8,6 +8,10 @@
 //! by the broker). Between the two, a caller can
 //! register the run with the coordinator using [`Prepared::run_config`].
 //!
+//! A loader started again on a run leaves out what is there already ([`resume`]: counted at the
+//! coordinator, or confirmed to an earlier loader, by its publish log), and while the run goes
+//! on, [`replay`] publishes again the batches the broker lost.
+//!
 //! Also: [`plan`] (which images go into which batch of which epoch), [`bench`](mod@bench) (decode
 //! throughput) and [`publish_bench`]. Errors are [`LoaderError`]s.
 //!
@@ -17,8 +21,10 @@
 pub mod bench;
 mod pipeline;
 pub mod plan;
+pub mod replay;
+pub mod resume;
 
 pub use pipeline::{
     evaluations_per_epoch, log_prepared, prepare, publish_bench, run, Assembler, EpochSummary,
-    LoaderConfig, LoaderError, Prepared, PublishBenchReport, RunSummary,
+    LoaderConfig, LoaderError, Prepared, PublishBenchReport, Resume, RunSummary,
 };

@@ -1,8 +1,10 @@
 //! The loader run: preprocess once, split, then publish every epoch's batches.
 
 use crate::plan::{EpochPlanner, PlannedBatch};
+use crate::replay::Replayer;
+use crate::resume::{key_of, PublishLog};
 use flowers_broker::{
-    connect, delete_run_queues, BrokerError, Publisher, PublisherOptions, RunLayout,
+    connect, delete_run_queues, BatchKey, BrokerError, Publisher, PublisherOptions, RunLayout,
 };
 use flowers_dataset::{split_images, DatasetError, Labels, SetIds, SplitStrategy};
 use flowers_preprocess::{
@@ -10,11 +12,11 @@ use flowers_preprocess::{
 };
 use flowers_proto::v1::RunConfig;
 use flowers_wire::{build_batch, encode_batch, Batch, WireError};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 /// Batches assembled ahead of the publisher: enough to hide a slow read,
@@ -64,6 +66,13 @@ pub enum LoaderError {
     /// A blocking task (preparing, or assembling batches) panicked or was cancelled.
     #[error("batch assembly stopped: {0}")]
     Assembly(#[from] tokio::task::JoinError),
+    #[error("publish log {path}: {source}")]
+    PublishLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("asking the coordinator about {0}")]
+    Coordinator(String),
 }
 
 impl From<BrokerError> for LoaderError {
@@ -126,6 +135,17 @@ pub struct Prepared {
     /// Per-split and per-class image counts.
     pub split_summary: String,
     assembler: Arc<Assembler>,
+}
+
+/// How a publishing picks up its run (the default: from the start, as a first loader does).
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// Batches not to publish: counted at the coordinator, or confirmed to an earlier loader.
+    pub skip: BTreeSet<BatchKey>,
+    /// Where the batches confirmed now are recorded, for a loader started after this one.
+    pub log: Option<PublishLog>,
+    /// The epoch the consumers are at (see [`Publisher::follow_epochs`]).
+    pub live_epoch: Option<watch::Receiver<u32>>,
 }
 
 /// Confirmed batches of one epoch.
@@ -254,11 +274,47 @@ impl Prepared {
         }
     }
 
+    /// What the plan's batches are a function of (besides the pixel store): names a
+    /// [`PublishLog`]'s plan.
+    pub fn plan_line(&self, cfg: &LoaderConfig) -> String {
+        format!("flowers publish log v1 {:?}", self.run_config(cfg))
+    }
+
+    /// A [`Replayer`] of this run's lost batches, on a connection of its own.
+    pub async fn replayer(
+        &self,
+        cfg: &LoaderConfig,
+        stall_after: Duration,
+        poll: Duration,
+    ) -> Result<Replayer, LoaderError> {
+        let layout =
+            RunLayout::epochs(cfg.epochs).with_evaluations(self.planner.evaluations_per_epoch);
+        // What is replayed goes into an empty queue: no backpressure.
+        let opts = PublisherOptions {
+            max_queued_batches: u32::MAX,
+            ..cfg.publisher.clone()
+        };
+        let publisher =
+            Publisher::connect(&cfg.broker_url, &self.planner.run_id, layout, opts).await?;
+        Ok(Replayer {
+            planner: self.planner.clone(),
+            assembler: self.assembler.clone(),
+            broker_url: cfg.broker_url.clone(),
+            publisher,
+            stall_after,
+            poll,
+        })
+    }
+
     /// Declares the run's queues and publishes, per epoch, the shuffled
     /// training batches to `train.E`, then the validation batches to `val.E`
     /// (and those of interim evaluations to `val.E.p` among the training ones:
-    /// [`EpochPlanner::epoch_batches`]).
-    pub async fn publish(self, cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
+    /// [`EpochPlanner::epoch_batches`]), leaving out what `resume` says is there already.
+    pub async fn publish(
+        self,
+        cfg: &LoaderConfig,
+        resume: Resume,
+    ) -> Result<RunSummary, LoaderError> {
         // The first training batch is full-sized: refuse an over-limit run
         // before declaring any queue.
         if let Some(first) = self.planner.train_batches(0).first() {
@@ -277,9 +333,21 @@ impl Prepared {
             cfg.publisher.clone(),
         )
         .await?;
+        if let Some(epoch) = resume.live_epoch {
+            publisher.follow_epochs(epoch);
+        }
+        if !resume.skip.is_empty() {
+            info!(
+                already_there = resume.skip.len(),
+                "resuming the run: publishing only what is neither counted nor confirmed before"
+            );
+        }
         let planner = self.planner.clone();
-        let plan = (0..cfg.epochs).flat_map(move |e| planner.epoch_batches(e));
-        publish_plan(&mut publisher, &self.assembler, plan).await?;
+        let skip = resume.skip;
+        let plan = (0..cfg.epochs)
+            .flat_map(move |e| planner.epoch_batches(e))
+            .filter(move |b| !skip.contains(&key_of(&b.header)));
+        publish_plan(&mut publisher, &self.assembler, plan, resume.log).await?;
         let epochs = (0..cfg.epochs)
             .map(|epoch| EpochSummary {
                 epoch,
@@ -309,7 +377,7 @@ pub async fn run(cfg: &LoaderConfig) -> Result<RunSummary, LoaderError> {
         tokio::task::spawn_blocking(move || prepare(&cfg)).await??
     };
     log_prepared(&prepared);
-    prepared.publish(cfg).await
+    prepared.publish(cfg, Resume::default()).await
 }
 
 /// Logs the split's per-part and per-class counts.
@@ -325,11 +393,13 @@ pub fn log_prepared(prepared: &Prepared) {
 }
 
 /// Publishes `plan` in order, assembling batches on a blocking thread while
-/// earlier ones are being published; flushes (and logs) at each epoch's end.
+/// earlier ones are being published; flushes (and logs) at each epoch's end. Every confirmed
+/// batch goes into `log`.
 async fn publish_plan(
     publisher: &mut Publisher,
     assembler: &Arc<Assembler>,
     plan: impl Iterator<Item = PlannedBatch> + Send + 'static,
+    mut log: Option<PublishLog>,
 ) -> Result<(), LoaderError> {
     let (tx, mut rx) = mpsc::channel::<Result<Batch, LoaderError>>(ASSEMBLED_AHEAD);
     let assembly = {
@@ -351,16 +421,29 @@ async fn publish_plan(
         let batch = batch?;
         if epoch.is_some_and(|e| e != batch.epoch) {
             finish_epoch(publisher, epoch.unwrap_or(0), epoch_started.elapsed()).await?;
+            record_confirmed(publisher, log.as_mut())?;
             epoch_started = Instant::now();
         }
         epoch = Some(batch.epoch);
         publisher.publish(&batch).await?;
+        record_confirmed(publisher, log.as_mut())?;
     }
     assembly.await?;
     if let Some(e) = epoch {
         finish_epoch(publisher, e, epoch_started.elapsed()).await?;
     }
-    Ok(())
+    record_confirmed(publisher, log.as_mut())
+}
+
+fn record_confirmed(
+    publisher: &mut Publisher,
+    log: Option<&mut PublishLog>,
+) -> Result<(), LoaderError> {
+    let confirmed = publisher.take_confirmed();
+    match log {
+        Some(log) => log.append(&confirmed),
+        None => Ok(()),
+    }
 }
 
 async fn finish_epoch(
@@ -428,6 +511,7 @@ pub async fn publish_bench(
         &mut publisher,
         &assembler,
         planner.train_batches(0).into_iter(),
+        None,
     )
     .await;
     let seconds = started.elapsed().as_secs_f64();

@@ -9,15 +9,21 @@ use flowers_coordinator_client::{ClientConfig, CoordinatorClient};
 use flowers_dataset::{Labels, SetName, SplitStrategy};
 use flowers_liveness::{HealthArgs, LivenessFile};
 use flowers_loader::bench::decode_bench;
+use flowers_loader::replay::ReplaySummary;
+use flowers_loader::resume::{counted_batches, PublishLog};
 use flowers_loader::{
-    evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, RunSummary,
+    evaluations_per_epoch, log_prepared, prepare, publish_bench, LoaderConfig, Resume, RunSummary,
 };
 use flowers_preprocess::{preprocess_archive, PreprocessOptions};
 use flowers_proto::run_id;
 use flowers_proto::v1::RunState;
 use flowers_wire::DEFAULT_MAX_MESSAGE_BYTES;
 use std::path::PathBuf;
-use tracing::info;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How often a loader with a coordinator looks at the run's progress for lost batches.
+const REPLAY_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +82,15 @@ struct Input {
     /// Batches sent ahead of their publisher confirms.
     #[arg(long, default_value_t = 16)]
     max_unconfirmed: usize,
+    /// Batch messages written to the broker's disk (persistent: they survive its restart) or
+    /// kept in memory (transient: faster; with a coordinator, lost ones are replayed).
+    #[arg(
+        long,
+        env = "FLOWERS_DELIVERY",
+        value_enum,
+        default_value = "persistent"
+    )]
+    delivery: Delivery,
     /// Directory for the preprocessed pixel store (img_size^2 * 3 bytes per image).
     #[arg(long, env = "FLOWERS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -98,6 +113,21 @@ impl Input {
     fn cache_dir(&self) -> PathBuf {
         self.cache_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
+
+    fn publisher(&self) -> PublisherOptions {
+        PublisherOptions {
+            max_message_bytes: self.max_message_bytes,
+            max_unconfirmed: self.max_unconfirmed,
+            persistent: matches!(self.delivery, Delivery::Persistent),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Delivery {
+    Persistent,
+    Transient,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,6 +179,11 @@ struct RunArgs {
     /// Bearer token for the coordinator.
     #[arg(long, env = "FLOWERS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// With --coordinator: seconds the run's current stage may stand still, its queue empty and
+    /// batches uncounted, before the loader publishes those batches again (the broker lost
+    /// them). The loader stays until the run is over, to do so.
+    #[arg(long, env = "FLOWERS_REPLAY_AFTER", default_value_t = 120)]
+    replay_after: u64,
 }
 
 #[derive(Args)]
@@ -237,60 +272,97 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         broker_url: args.input.broker_url(),
         publisher: PublisherOptions {
             max_queued_batches: args.max_queued_batches,
-            max_message_bytes: args.input.max_message_bytes,
-            max_unconfirmed: args.input.max_unconfirmed,
-            ..Default::default()
+            ..args.input.publisher()
         },
         cache_dir: args.input.cache_dir(),
     };
     // Scripts start trainers on this run's queues.
     println!("run_id={}", cfg.run_id);
-    let coordinator = match &args.coordinator {
-        Some(address) => {
-            let client =
-                CoordinatorClient::connect(&ClientConfig::new(address.clone()).token(args.token))
-                    .with_context(|| format!("connecting to the coordinator at {address}"))?;
-            if run_is_over(&client, &cfg.run_id)
-                .await
-                .with_context(|| format!("asking {address} about run {}", cfg.run_id))?
-            {
-                // Started again after the run (`docker compose up` twice): publishing it
-                // anew would only feed trainers that have left.
-                info!(run_id = %cfg.run_id, coordinator = %address, "the run is over: nothing to publish");
-                return Ok(());
-            }
-            Some((address, client))
-        }
-        None => None,
+    let Some(address) = &args.coordinator else {
+        let prepared = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || prepare(&cfg)).await??
+        };
+        log_prepared(&prepared);
+        let summary = prepared.publish(&cfg, Resume::default()).await?;
+        log_summary(&summary);
+        return Ok(());
     };
+    let client = CoordinatorClient::connect(&ClientConfig::new(address.clone()).token(args.token))
+        .with_context(|| format!("connecting to the coordinator at {address}"))?;
+    let asking = || format!("asking {address} about run {}", cfg.run_id);
+    let known = known_run(&client, &cfg.run_id).await.with_context(asking)?;
+    if known
+        .as_ref()
+        .is_some_and(|run| run.state != RunState::Running as i32)
+    {
+        // Started again after the run (`docker compose up` twice): publishing it
+        // anew would only feed trainers that have left.
+        info!(run_id = %cfg.run_id, coordinator = %address, "the run is over: nothing to publish");
+        return Ok(());
+    }
     let prepared = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || prepare(&cfg)).await??
     };
     log_prepared(&prepared);
-    if let Some((address, client)) = &coordinator {
-        // Registered before the first batch, so the coordinator counts every one.
-        let run = client
-            .register_run(prepared.run_config(&cfg), Some(&cfg.run_id))
-            .await
-            .with_context(|| format!("registering run {} with {address}", cfg.run_id))?;
-        info!(run_id = %run.run_id, coordinator = %address, "run registered");
-    }
-    let summary = prepared.publish(&cfg).await?;
+    // Registered before the first batch, so the coordinator counts every one; registering a
+    // run again with the same plan (a restarted loader) is fine.
+    let run = client
+        .register_run(prepared.run_config(&cfg), Some(&cfg.run_id))
+        .await
+        .with_context(|| format!("registering run {} with {address}", cfg.run_id))?;
+    info!(run_id = %run.run_id, coordinator = %address, resuming = known.is_some(), "run registered");
+    let log_path = PublishLog::path(&cfg.cache_dir, &cfg.run_id);
+    let (log, confirmed) = PublishLog::open(&log_path, &prepared.plan_line(&cfg), known.is_some())?;
+    let mut skip = known.as_ref().map(counted_batches).unwrap_or_default();
+    skip.extend(confirmed);
+    let (epoch_tx, epoch_rx) = tokio::sync::watch::channel(run.current_epoch);
+    let replayer = prepared
+        .replayer(&cfg, Duration::from_secs(args.replay_after), REPLAY_POLL)
+        .await?;
+    let resume = Resume {
+        skip,
+        log: Some(log),
+        live_epoch: Some(epoch_rx),
+    };
+    let status = || client.get_run_batches(&cfg.run_id);
+    let (summary, replays) = tokio::try_join!(
+        prepared.publish(&cfg, resume),
+        replayer.run(status, epoch_tx)
+    )?;
     log_summary(&summary);
+    log_replays(&replays);
+    anyhow::ensure!(
+        replays.final_state != RunState::Failed as i32,
+        "run {} failed at the coordinator",
+        cfg.run_id
+    );
     Ok(())
 }
 
-/// Whether the coordinator knows `run_id` as finished or failed (an unknown run is not over).
-async fn run_is_over(
+/// The run as the coordinator knows it, with its counted batches; `None` for a run it does not
+/// know (a new one).
+async fn known_run(
     client: &CoordinatorClient,
     run_id: &str,
-) -> Result<bool, flowers_coordinator_client::ClientError> {
-    match client.get_run(run_id, false).await {
-        Ok(status) => Ok(status.state != RunState::Running as i32),
-        Err(e) if e.is_not_found() => Ok(false),
+) -> Result<Option<flowers_proto::v1::RunStatus>, flowers_coordinator_client::ClientError> {
+    match client.get_run_batches(run_id).await {
+        Ok(status) => Ok(Some(status)),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+fn log_replays(r: &ReplaySummary) {
+    if r.replayed > 0 {
+        warn!(
+            replays = r.replays,
+            batches = r.replayed,
+            "published lost batches again"
+        );
+    }
+    info!("the run is over");
 }
 
 fn log_summary(s: &RunSummary) {
@@ -355,11 +427,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &pre.images,
         labels.num_classes(),
         input.batch_size,
-        PublisherOptions {
-            max_message_bytes: input.max_message_bytes,
-            max_unconfirmed: input.max_unconfirmed,
-            ..Default::default()
-        },
+        input.publisher(),
     )
     .await
     .context("publish benchmark")?;
