@@ -1,5 +1,9 @@
 //! Helpers for the end-to-end tests: broker URL, unique run ids, a cuttable
-//! TCP proxy in front of RabbitMQ, synthetic batches and small data sets.
+//! TCP proxy in front of RabbitMQ, synthetic batches and small data sets, a run of the real
+//! services on this host ([`local`]) and a RabbitMQ node of a test's own ([`rabbit`]).
+
+pub mod local;
+pub mod rabbit;
 
 use flowers_dataset::matwriter::{write_mat, MatVar};
 use flowers_dataset::tarwriter::write_archive;

@@ -1,0 +1,166 @@
+//! A run through faults of its broker and its loader, each on a RabbitMQ node of the test's
+//! own ([`PrivateBroker`]), which the test stops, starts and purges: the coordinator, the
+//! loader and two trainers as real processes, on 10 classes of the shared archive at 75 px.
+//! Every case ends with every training batch of every epoch counted once, validation
+//! complete, and every process exited 0.
+
+use flowers_e2e::local::{LocalRun, LocalRunOptions};
+use flowers_e2e::rabbit::PrivateBroker;
+use flowers_proto::v1 as pb;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// The runs share two cores: one at a time.
+static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Three epochs, the loader held to a few queued batches so it is still publishing when the
+/// fault comes, and quick to replay what the broker lost; `delivery` of batch messages.
+fn options(prefix: &'static str, broker: &PrivateBroker, delivery: &str) -> LocalRunOptions {
+    let args = [
+        "--max-queued-batches",
+        "6",
+        "--replay-after",
+        "4",
+        "--delivery",
+        delivery,
+    ];
+    LocalRunOptions {
+        epochs: 3,
+        loader_args: args.map(String::from).to_vec(),
+        ..LocalRunOptions::new(prefix, broker.url())
+    }
+}
+
+fn log_of(service: &flowers_e2e::Service) -> String {
+    std::fs::read_to_string(&service.log).unwrap_or_default()
+}
+
+/// Batches trained more than once: steps beyond the run's training batches.
+fn trained_twice(status: &pb::RunStatus) -> u64 {
+    let batches: u64 = status
+        .epochs
+        .iter()
+        .map(|e| u64::from(e.train_batches_total))
+        .sum();
+    status.steps - batches
+}
+
+/// Stops the broker for 5 s once both trainers train in epoch 1 (longer than they take to use
+/// what they had prefetched), starts it again and lets the run finish.
+async fn broker_restart(prefix: &'static str, delivery: &str) -> LocalRun {
+    let broker = PrivateBroker::start(prefix, &[]);
+    let mut run = LocalRun::start(options(prefix, &broker, delivery));
+    let before = run
+        .wait_for("both trainers training in epoch 1", |s| {
+            s.current_epoch == 1 && s.workers.iter().filter(|w| w.steps > 0).count() == 2
+        })
+        .await;
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stopped = run.status().await.expect("run status");
+    assert_ne!(
+        stopped.state,
+        pb::RunState::Finished as i32,
+        "the fault came mid-run"
+    );
+    broker.start_again();
+    let back = Instant::now();
+    let steps = stopped.steps;
+    run.wait_for("a step after the broker came back", |s| s.steps > steps)
+        .await;
+    let first_step = back.elapsed();
+    let status = run.wait_finished().await;
+    run.assert_complete(&status);
+    run.assert_all_exit_zero().await;
+    eprintln!(
+        "{delivery}: broker down 5 s in epoch 1 (after {} steps): first step {:.1} s after it came back, {} batches trained twice",
+        before.steps,
+        first_step.as_secs_f64(),
+        trained_twice(&status)
+    );
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_mid_epoch_loses_no_persistent_batch() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let run = broker_restart("faults-persistent", "persistent").await;
+    assert!(
+        !log_of(&run.loader).contains("replaying"),
+        "persistent batches survive the restart: nothing to replay\n{}",
+        run.loader.log_tail(30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_batches_lost_with_the_broker_are_replayed() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let run = broker_restart("faults-transient", "transient").await;
+    assert!(
+        log_of(&run.loader).contains("replaying"),
+        "the broker's restart dropped the queued transient batches: they were replayed\n{}",
+        run.loader.log_tail(30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_queue_is_replayed() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let broker = PrivateBroker::start("faults-purge", &[]);
+    let mut run = LocalRun::start(options("faults-purge", &broker, "persistent"));
+    run.wait_for("training in epoch 1", |s| {
+        s.current_epoch == 1 && s.epochs[1].train_batches_done >= 1
+    })
+    .await;
+    broker.purge(&flowers_broker::train_queue(&run.run_id, 1));
+    let status = run.wait_finished().await;
+    run.assert_complete(&status);
+    run.assert_all_exit_zero().await;
+    assert!(
+        log_of(&run.loader).contains("replaying"),
+        "{}",
+        run.loader.log_tail(30)
+    );
+    eprintln!(
+        "purged train.1: {} batches trained twice",
+        trained_twice(&status)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_killed_mid_epoch_resumes_and_one_started_after_the_run_publishes_nothing() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let broker = PrivateBroker::start("faults-loader", &[]);
+    let mut run = LocalRun::start(options("faults-loader", &broker, "persistent"));
+    run.wait_for("training in epoch 0", |s| s.steps >= 2).await;
+    run.loader.kill();
+    let killed = log_of(&run.loader);
+    assert!(
+        !killed.contains("loader finished"),
+        "killed while publishing\n{killed}"
+    );
+    run.restart_loader();
+    let status = run.wait_finished().await;
+    run.assert_complete(&status);
+    run.assert_all_exit_zero().await;
+    let resumed = log_of(&run.loader);
+    assert!(
+        resumed.contains("resuming the run"),
+        "{}",
+        run.loader.log_tail(30)
+    );
+    eprintln!(
+        "loader killed in epoch 0: {} batches trained twice",
+        trained_twice(&status)
+    );
+
+    run.restart_loader();
+    run.assert_all_exit_zero().await;
+    assert!(
+        log_of(&run.loader).contains("the run is over: nothing to publish"),
+        "{}",
+        run.loader.log_tail(10)
+    );
+    let after = run.status().await.expect("run status");
+    assert_eq!(after.steps, status.steps, "nothing trained again");
+}
