@@ -128,11 +128,16 @@ async fn a_purged_queue_is_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_loader_killed_mid_epoch_resumes_and_one_started_after_the_run_publishes_nothing() {
+async fn a_loader_killed_mid_run_resumes_and_one_started_after_the_run_publishes_nothing() {
     let _one = ONE_RUN_AT_A_TIME.lock().await;
     let broker = PrivateBroker::start("faults-loader", &[]);
     let mut run = LocalRun::start(options("faults-loader", &broker, "persistent"));
-    run.wait_for("training in epoch 0", |s| s.steps >= 2).await;
+    // In epoch 1: a loader that started the run over would publish epoch 0 into a queue the
+    // trainers have left.
+    run.wait_for("training in epoch 1", |s| {
+        s.current_epoch == 1 && s.epochs[1].train_batches_done >= 1
+    })
+    .await;
     run.loader.kill();
     let killed = log_of(&run.loader);
     assert!(
