@@ -3,8 +3,8 @@
 //! `tests/cluster.compose.yaml` (50 classes, 75 px, 6 epochs), checked from the host through
 //! the published ports with the coordinator's client and `flowersctl`. One run goes through
 //! the faults one after another: a third trainer scaled in mid-run, one trainer killed
-//! mid-epoch, the coordinator restarted, one trainer cut off from the network for longer than
-//! the worker timeout and connected again. Once it has finished, `up` again publishes and trains
+//! mid-epoch, the coordinator restarted, RabbitMQ restarted, one trainer cut off from the
+//! network for longer than the worker timeout and connected again. Once it has finished, `up` again publishes and trains
 //! nothing, and every service it started exits 0; a trainer with a wrong token and a loader
 //! without its archive fail at once, saying why.
 //!
@@ -398,11 +398,45 @@ async fn the_compose_cluster_trains_through_scaling_kills_restarts_and_a_partiti
 
     let before = s.steps;
     cluster.compose_ok(&["restart", "coordinator"]);
-    cluster
+    let s = cluster
         .wait_mid_run(&client, "training after the coordinator restart", |s| {
             s.steps > before
         })
         .await;
+
+    // RabbitMQ restarted mid-run: the trainers wait it out and consume again (no container
+    // restarts), the loader re-sends what was unconfirmed; persistent batches in its volume
+    // survive.
+    let live = &trainers[1..];
+    let restarts = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .map(|n| {
+                docker(&["inspect", "-f", "{{.RestartCount}}", n])
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let restarts_before = restarts(live);
+    let before = s.steps;
+    cluster.compose_ok(&["restart", "rabbitmq"]);
+    let back = Instant::now();
+    cluster
+        .wait_mid_run(&client, "training after the RabbitMQ restart", |s| {
+            s.steps > before
+        })
+        .await;
+    eprintln!(
+        "first step {:.1} s after `compose restart rabbitmq` returned",
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        restarts(live),
+        restarts_before,
+        "no trainer exited over the broker's restart:\n{}",
+        container_log(&live[0], 0, 20)
+    );
 
     // One trainer cut off from the network for longer than the worker timeout: the others
     // train on without it; back on the network, it rejoins or ends, and the run completes.

@@ -169,3 +169,35 @@ async fn a_loader_killed_mid_run_resumes_and_one_started_after_the_run_publishes
     let after = run.status().await.expect("run status");
     assert_eq!(after.steps, status.steps, "nothing trained again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainers_ride_out_consumer_timeouts() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    // Deliveries held unacked over a second close the channel: with 8 prefetched and steps of
+    // a few tenths of a second, and sync rounds holding them too, that happens all along.
+    let broker = PrivateBroker::start_with(
+        "faults-timeout",
+        &["consumer_timeout = 1000"],
+        "[{rabbit, [{channel_tick_interval, 200}]}].",
+    );
+    let mut opts = options("faults-timeout", &broker, "persistent");
+    opts.trainer_args = vec!["--prefetch".into(), "8".into()];
+    let mut run = LocalRun::start(opts);
+    let status = run.wait_finished().await;
+    run.assert_complete(&status);
+    run.assert_all_exit_zero().await;
+    let timeouts: usize = run
+        .trainers
+        .iter()
+        .map(|t| log_of(t).matches("timed out").count())
+        .sum();
+    assert!(
+        timeouts > 0,
+        "the broker closed channels for the timeout\n{}",
+        run.logs()
+    );
+    eprintln!(
+        "consumer_timeout 1 s, prefetch 8: {timeouts} channels closed for it, {} batches trained twice",
+        trained_twice(&status)
+    );
+}
