@@ -49,6 +49,7 @@ fn trained_twice(status: &pb::RunStatus) -> u64 {
 /// what they had prefetched), starts it again and lets the run finish.
 async fn broker_restart(prefix: &'static str, delivery: &str) -> LocalRun {
     let broker = PrivateBroker::start(prefix, &[]);
+    let started = Instant::now();
     let mut run = LocalRun::start(options(prefix, &broker, delivery));
     let before = run
         .wait_for("both trainers training in epoch 1", |s| {
@@ -73,10 +74,11 @@ async fn broker_restart(prefix: &'static str, delivery: &str) -> LocalRun {
     run.assert_complete(&status);
     run.assert_all_exit_zero().await;
     eprintln!(
-        "{delivery}: broker down 5 s in epoch 1 (after {} steps): first step {:.1} s after it came back, {} batches trained twice",
+        "{delivery}: broker down 5 s in epoch 1 (after {} steps): first step {:.1} s after it came back, {} batches trained twice; run {:.0} s",
         before.steps,
         first_step.as_secs_f64(),
-        trained_twice(&status)
+        trained_twice(&status),
+        started.elapsed().as_secs_f64()
     );
     run
 }

@@ -83,14 +83,11 @@ struct Input {
     #[arg(long, default_value_t = 16)]
     max_unconfirmed: usize,
     /// Batch messages written to the broker's disk (persistent: they survive its restart) or
-    /// kept in memory (transient: faster; with a coordinator, lost ones are replayed).
-    #[arg(
-        long,
-        env = "FLOWERS_DELIVERY",
-        value_enum,
-        default_value = "persistent"
-    )]
-    delivery: Delivery,
+    /// kept in its memory (transient: 2.3x faster to publish here, lost with a restart and then
+    /// replayed) [default: transient with --coordinator, which the replay needs; else
+    /// persistent].
+    #[arg(long, env = "FLOWERS_DELIVERY", value_enum)]
+    delivery: Option<Delivery>,
     /// Directory for the preprocessed pixel store (img_size^2 * 3 bytes per image).
     #[arg(long, env = "FLOWERS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -114,11 +111,18 @@ impl Input {
         self.cache_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 
-    fn publisher(&self) -> PublisherOptions {
+    /// How to publish; `replayed`: lost batches will be published again (a coordinator
+    /// tracks the run), so transient delivery is the default.
+    fn publisher(&self, replayed: bool) -> PublisherOptions {
+        let default = if replayed {
+            Delivery::Transient
+        } else {
+            Delivery::Persistent
+        };
         PublisherOptions {
             max_message_bytes: self.max_message_bytes,
             max_unconfirmed: self.max_unconfirmed,
-            persistent: matches!(self.delivery, Delivery::Persistent),
+            persistent: matches!(self.delivery.unwrap_or(default), Delivery::Persistent),
             ..Default::default()
         }
     }
@@ -182,7 +186,7 @@ struct RunArgs {
     /// With --coordinator: seconds the run's current stage may stand still, its queue empty and
     /// batches uncounted, before the loader publishes those batches again (the broker lost
     /// them). The loader stays until the run is over, to do so.
-    #[arg(long, env = "FLOWERS_REPLAY_AFTER", default_value_t = 120)]
+    #[arg(long, env = "FLOWERS_REPLAY_AFTER", default_value_t = 30)]
     replay_after: u64,
 }
 
@@ -272,7 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         broker_url: args.input.broker_url(),
         publisher: PublisherOptions {
             max_queued_batches: args.max_queued_batches,
-            ..args.input.publisher()
+            ..args.input.publisher(args.coordinator.is_some())
         },
         cache_dir: args.input.cache_dir(),
     };
@@ -427,7 +431,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &pre.images,
         labels.num_classes(),
         input.batch_size,
-        input.publisher(),
+        input.publisher(false),
     )
     .await
     .context("publish benchmark")?;
