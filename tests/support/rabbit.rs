@@ -2,7 +2,7 @@
 //! and start without disturbing the machine's shared broker or other tests.
 
 use crate::free_port;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -83,16 +83,6 @@ impl PrivateBroker {
     pub fn start_again(&self) {
         self.ctl(&["start_app"]);
         self.wait_accepting();
-    }
-
-    /// `rabbitmqctl -n NODE purge_queue QUEUE`.
-    pub fn purge(&self, queue: &str) {
-        self.ctl(&["purge_queue", queue]);
-    }
-
-    /// The node's log, for assertion messages.
-    pub fn log_dir(&self) -> PathBuf {
-        self.dir.path().join("log")
     }
 
     fn pid_file(&self) -> String {
