@@ -5,7 +5,7 @@ use crate::error::redact_url;
 use crate::names::{eval_queue, train_queue, validate_run_id, RunLayout};
 use crate::topology::{declare_run_topology, passive_count};
 use crate::BrokerError;
-use flowers_wire::{describe, encode_batch, Batch, Split, DEFAULT_MAX_MESSAGE_BYTES};
+use flowers_wire::{describe, encode_batch, Batch, BatchHeader, Split, DEFAULT_MAX_MESSAGE_BYTES};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -61,7 +61,18 @@ pub struct BatchKey {
 }
 
 impl BatchKey {
-    pub fn of(batch: &Batch) -> Self {
+    /// The key a planned batch (its header) is published and counted under.
+    pub fn of_header(header: &BatchHeader) -> Self {
+        let validation = header.split == Split::Validation;
+        BatchKey {
+            epoch: header.epoch,
+            validation,
+            eval_part: if validation { header.eval_part } else { 0 },
+            batch_index: header.batch_index,
+        }
+    }
+
+    fn of(batch: &Batch) -> Self {
         let validation = batch.split == Split::Validation as i32;
         BatchKey {
             epoch: batch.epoch,

@@ -2,7 +2,7 @@
 
 use crate::plan::{EpochPlanner, PlannedBatch};
 use crate::replay::Replayer;
-use crate::resume::{key_of, PublishLog};
+use crate::resume::PublishLog;
 use flowers_broker::{
     connect, delete_run_queues, BatchKey, BrokerError, Publisher, PublisherOptions, RunLayout,
 };
@@ -346,7 +346,7 @@ impl Prepared {
         let skip = resume.skip;
         let plan = (0..cfg.epochs)
             .flat_map(move |e| planner.epoch_batches(e))
-            .filter(move |b| !skip.contains(&key_of(&b.header)));
+            .filter(move |b| !skip.contains(&BatchKey::of_header(&b.header)));
         publish_plan(&mut publisher, &self.assembler, plan, resume.log).await?;
         let epochs = (0..cfg.epochs)
             .map(|epoch| EpochSummary {

@@ -7,9 +7,11 @@
 //! dropped by the trainers at the stage's end.
 
 use crate::plan::EpochPlanner;
-use crate::resume::{counted_batches, key_of};
+use crate::resume::counted_batches;
 use crate::{Assembler, LoaderError};
-use flowers_broker::{connect, eval_queue, message_count, train_queue, Connection, Publisher};
+use flowers_broker::{
+    connect, eval_queue, message_count, train_queue, BatchKey, Connection, Publisher,
+};
 use flowers_proto::v1 as pb;
 use std::future::Future;
 use std::sync::Arc;
@@ -197,7 +199,7 @@ impl Replayer {
         };
         let missing: Vec<_> = batches
             .into_iter()
-            .filter(|b| !settled.contains(&key_of(&b.header)))
+            .filter(|b| !settled.contains(&BatchKey::of_header(&b.header)))
             .collect();
         let indices: Vec<u32> = missing.iter().map(|b| b.header.batch_index).collect();
         warn!(%queue, counted, total, stalled_secs = self.stall_after.as_secs(), missing = ?indices, "the stage stopped with its queue empty and batches uncounted: replaying them");

@@ -5,22 +5,10 @@
 use crate::LoaderError;
 use flowers_broker::BatchKey;
 use flowers_proto::v1 as pb;
-use flowers_wire::{BatchHeader, Split};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-
-/// The key a planned batch is published and counted under.
-pub fn key_of(header: &BatchHeader) -> BatchKey {
-    let validation = header.split == Split::Validation;
-    BatchKey {
-        epoch: header.epoch,
-        validation,
-        eval_part: if validation { header.eval_part } else { 0 },
-        batch_index: header.batch_index,
-    }
-}
 
 /// The batches `status` (with its batch indices: `GetRun` with `include_batches`) counts: the
 /// trained ones of every epoch and the evaluated ones of every evaluation.
